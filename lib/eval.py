@@ -1,0 +1,85 @@
+"""Perplexity with Wanda's protocol, and zero-shot tasks through lm-eval-harness (optional).
+
+Protocol (Wanda's ``eval_ppl_wikitext``): the evaluation tokens are cut into ``N // seqlen`` non-overlapping
+windows (the tail is dropped); each window's mean next-token loss is multiplied by ``seqlen``, the products
+are summed and ``ppl = exp(sum / (windows * seqlen))``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .layerwise import capture_layer_inputs, run_layer
+from .models import decoder, decoder_layers
+
+logger = logging.getLogger(__name__)
+
+ZERO_SHOT_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "arc_easy", "openbookqa"]
+
+
+def _windows(input_ids: torch.Tensor, seqlen: int, batch_size: int) -> list[torch.Tensor]:
+    n = input_ids.numel() // seqlen
+    flat = input_ids.reshape(-1)[: n * seqlen].reshape(n, seqlen)
+    return [flat[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Wanda's per-batch term: mean loss over the shifted tokens times ``seqlen * batch``."""
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return loss * ids.shape[1] * ids.shape[0]
+
+
+@torch.no_grad()
+def eval_ppl(
+    model: nn.Module, input_ids: torch.Tensor, seqlen: int, device: torch.device | str = "cpu",
+    batch_size: int = 1, offload: bool = False, desc: str = "ppl", max_windows: int | None = None,
+) -> float:
+    """Perplexity of ``input_ids`` (``[1, N]``), Wanda's protocol.
+
+    With ``offload`` the weights stay on the CPU and the windows go through the model one decoder layer at
+    a time (the pruning capture path), so a model larger than the device still evaluates.
+    """
+    if max_windows is not None:
+        input_ids = input_ids[:, : max_windows * seqlen]
+    batches = _windows(input_ids, seqlen, batch_size)
+    nwin = sum(b.shape[0] for b in batches)
+    if nwin == 0:
+        raise ValueError(f"evaluation text has {input_ids.numel()} tokens, fewer than one {seqlen}-token window")
+    logger.info("evaluating %s on %d windows of %d tokens", desc, nwin, seqlen)
+    if offload:
+        total = _nll_layerwise(model, batches, device, desc)
+    else:
+        total = torch.zeros((), dtype=torch.float64)
+        for ids in tqdm(batches, desc=desc, leave=False):
+            ids = ids.to(device)
+            total += _window_nll(model(input_ids=ids, use_cache=False).logits, ids).double().cpu()
+    return float(torch.exp(total / (nwin * seqlen)))
+
+
+def _nll_layerwise(model: nn.Module, batches: list[torch.Tensor], device, desc: str) -> torch.Tensor:
+    inputs = capture_layer_inputs(model, batches, device, store_device="cpu")
+    for layer in tqdm(decoder_layers(model), desc=f"{desc} (layers)", leave=False):
+        layer.to(device)
+        inputs.hidden = run_layer(layer, inputs, device)
+        layer.to("cpu")
+    norm, head = decoder(model).norm, model.get_output_embeddings()
+    total = torch.zeros((), dtype=torch.float64)
+    for h, ids in zip(inputs.hidden, batches):
+        logits = head(norm(h.to(device)))
+        total += _window_nll(logits, ids.to(device)).double().cpu()
+    return total
+
+
+def eval_zero_shot(model: nn.Module, tokenizer, tasks: list[str] | None = None, batch_size: int = 1,
+                   num_fewshot: int = 0) -> dict:
+    """Accuracy on Wanda's seven zero-shot tasks through lm-eval-harness (``pip install lm-eval``)."""
+    from lm_eval import simple_evaluate  # imported here: an optional dependency
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = simple_evaluate(model=lm, tasks=tasks or ZERO_SHOT_TASKS, num_fewshot=num_fewshot)
+    return {task: res for task, res in results["results"].items()}
