@@ -252,7 +252,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
                         force=True)
     # Library chatter (weight-loading bars, deprecation notes) is not the user's business at INFO.
     for noisy in ("transformers", "datasets", "huggingface_hub", "httpx"):

@@ -48,6 +48,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def _load_config(name: str, cache_dir: str | None):
     from transformers import AutoConfig
 
+    if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ModelLoadError(f"cannot load model '{name}': no such directory (and not a hub id)")
     try:
         return AutoConfig.from_pretrained(name, cache_dir=cache_dir)
     except Exception as exc:  # transformers raises OSError/ValueError/HF errors; all mean "cannot load"
