@@ -48,11 +48,11 @@ Real cache
 ----------
 ``PackedQuantizedCache(cfg)`` is a ``transformers`` ``Cache`` of ``QuantizedKVLayer`` (``DynamicLayer`` for layers
 with 16/16 bits).  It stores bit-packed uint8 codes + float16 scales/zeros + the full-precision window and returns
-dequantized K/V.  ``nbytes()`` counts exactly those stored tensors.  With ``keep_dequantized=True`` (default) it
-also keeps a dequantized working copy so that a decode step costs O(1) quantization work instead of re-unpacking
-the whole cache (CPU has no fused dequant-attention kernel); that workspace is reported separately by
-``workspace_nbytes()`` and is not part of ``nbytes()``.  ``keep_dequantized=False`` holds only the packed storage
-and dequantizes everything at each step.
+dequantized K/V.  ``nbytes()`` counts exactly those stored tensors.  By default (``keep_dequantized=False``) it
+holds only that packed storage, which is the memory saving, and dequantizes the whole cache at each decode step.
+``keep_dequantized=True`` is a speed mode: it also keeps a dequantized working copy so that a decode step costs
+O(1) quantization work (CPU has no fused dequant-attention kernel); that copy saves no memory, is reported by
+``workspace_nbytes()`` and is not part of ``nbytes()``.
 """
 
 from __future__ import annotations
@@ -683,7 +683,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(
-        self, key_bits: int, value_bits: int, config: KVQuantConfig, keep_dequantized: bool = True
+        self, key_bits: int, value_bits: int, config: KVQuantConfig, keep_dequantized: bool = False
     ) -> None:
         super().__init__()
         self.key_bits, self.value_bits = key_bits, value_bits
@@ -756,7 +756,7 @@ class PackedQuantizedCache(Cache):
     """A ``transformers`` Cache storing bit-packed KV per ``KVQuantConfig``; pass it as ``past_key_values``
     to ``model(...)`` or ``model.generate(...)``.  16/16-bit layers are plain ``DynamicLayer``s."""
 
-    def __init__(self, config: KVQuantConfig, keep_dequantized: bool = True) -> None:
+    def __init__(self, config: KVQuantConfig, keep_dequantized: bool = False) -> None:
         layers: list[CacheLayerMixin] = []
         for kb, vb in zip(config.key_bits, config.value_bits, strict=True):
             if kb >= OFF_BITS and vb >= OFF_BITS:
@@ -767,7 +767,7 @@ class PackedQuantizedCache(Cache):
         self.kv_config = config
 
     @classmethod
-    def for_model(cls, model: nn.Module, config: KVQuantConfig, keep_dequantized: bool = True) -> PackedQuantizedCache:
+    def for_model(cls, model: nn.Module, config: KVQuantConfig, keep_dequantized: bool = False) -> PackedQuantizedCache:
         num_layers, _, head_dim = kv_dims(model)
         config.validate(num_layers, head_dim)
         return cls(config, keep_dequantized=keep_dequantized)

@@ -186,9 +186,10 @@ def decode_run(model, prompt: torch.Tensor, make_cache: Callable, steps: int, pr
 def bench_decode(model, tokens: torch.Tensor, configs: dict[str, KVQuantConfig], args) -> dict[str, dict]:
     methods: dict[str, Callable] = {
         "DynamicCache": lambda: DynamicCache(config=model.config),
-        "packed 8": lambda: PackedQuantizedCache(configs["8"]),
-        "packed 6": lambda: PackedQuantizedCache(configs["6"]),
-        "packed 8/6 half": lambda: PackedQuantizedCache(configs["8/6 half"]),
+        # Speed mode (dequantized working copy kept) and the default storage-only mode, side by side.
+        "packed 8": lambda: PackedQuantizedCache(configs["8"], keep_dequantized=True),
+        "packed 6": lambda: PackedQuantizedCache(configs["6"], keep_dequantized=True),
+        "packed 8/6 half": lambda: PackedQuantizedCache(configs["8/6 half"], keep_dequantized=True),
         "packed 8 storage-only": lambda: PackedQuantizedCache(configs["8"], keep_dequantized=False),
     }
     out: dict[str, dict] = {}

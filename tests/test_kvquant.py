@@ -236,7 +236,7 @@ def test_nbytes_accounting_and_ratio() -> None:
     fp16 = fp16_kv_bytes_per_token(layers, heads, d)
     for bits, bound in ((8, 0.55), (6, 0.43)):
         cfg = KVQuantConfig.uniform(bits, layers)  # defaults: group 32, token group 64, residual 0
-        cache = PackedQuantizedCache(cfg)
+        cache = PackedQuantizedCache(cfg, keep_dequantized=True)
         x = kv_like(1, heads, 128, d)
         for layer in range(layers):
             cache.update(x, x, layer)
