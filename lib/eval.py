@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 ZERO_SHOT_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_challenge", "arc_easy", "openbookqa"]
 
 
-def _windows(input_ids: torch.Tensor, seqlen: int, batch_size: int) -> list[torch.Tensor]:
+def windows(input_ids: torch.Tensor, seqlen: int, batch_size: int) -> list[torch.Tensor]:
+    """Non-overlapping ``seqlen`` windows of ``[1, N]`` token ids (tail dropped), ``batch_size`` per tensor."""
     n = input_ids.numel() // seqlen
     flat = input_ids.reshape(-1)[: n * seqlen].reshape(n, seqlen)
     return [flat[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -45,7 +46,7 @@ def eval_ppl(
     """
     if max_windows is not None:
         input_ids = input_ids[:, : max_windows * seqlen]
-    batches = _windows(input_ids, seqlen, batch_size)
+    batches = windows(input_ids, seqlen, batch_size)
     nwin = sum(b.shape[0] for b in batches)
     if nwin == 0:
         raise ValueError(f"evaluation text has {input_ids.numel()} tokens, fewer than one {seqlen}-token window")

@@ -61,6 +61,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def footnote(out: dict) -> str:
+    m = out["machine"]
+    return (f"Measured on {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}"
+            f"{', ' + m['gpu'] if 'gpu' in m else ''}; {out['nsamples']} c4 calibration windows of {out['seqlen']} "
+            f"tokens. Model weights {out['model_bytes'] / 2**20:.1f} MiB, one calibration activation buffer "
+            f"{out['activation_buffer_bytes'] / 2**20:.1f} MiB.")
+
+
 def update_readme(path: str, text: str) -> None:
     from lib.io import write_text
 
@@ -84,7 +92,15 @@ def main() -> int:
     p.add_argument("--dtype", default="auto", help="passed to main.py")
     p.add_argument("--out", required=True, help="JSON results file")
     p.add_argument("--readme", default=None, help="README to update between the bench_prune markers")
+    p.add_argument("--from_json", action="store_true", help="run nothing: rebuild the table from --out")
     args = p.parse_args()
+    if args.from_json:
+        out = json.load(open(args.out))
+        text = table(out["results"]) + "\n\n" + footnote(out)
+        print(text)
+        if args.readme:
+            update_readme(args.readme, text)
+        return 0
 
     from lib.io import write_json
 
@@ -127,11 +143,7 @@ def main() -> int:
            "model_bytes": param_bytes(lm.model), "activation_buffer_bytes": act, "results": results}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_json(args.out, out)
-    text = table(results)
-    text += (f"\n\nMeasured on {out['machine']['platform']}, {out['machine']['cpus']} CPUs, torch "
-             f"{out['machine']['torch']}{', ' + out['machine']['gpu'] if 'gpu' in out['machine'] else ''}; "
-             f"{args.nsamples} c4 calibration windows of {seqlen} tokens. Model weights "
-             f"{out['model_bytes'] / 2**20:.1f} MiB, one calibration activation buffer {act / 2**20:.1f} MiB.")
+    text = table(results) + "\n\n" + footnote(out)
     print(text)
     if args.readme:
         update_readme(args.readme, text)

@@ -45,7 +45,7 @@ def test_wanda_run_writes_log_masks_profile_and_reloads(tiny_llama, data_dir, tm
     numel = sum(torch.Size(m["shape"]).numel() for m in manifest["modules"].values())
     assert os.path.getsize(save_dir / "masks.safetensors") < numel / 8 + 8192
 
-    profile = json.load(open(save_dir / "profile.json"))
+    profile = json.load(open(save_dir / "profile_wanda_unstructured_s0.50.json"))
     assert profile["format"] == "optspa-profile" and profile["sparsity"] == [0.5, 0.5]
     assert profile["method"] == "wanda" and profile["target_sparsity"] == 0.5
 
@@ -120,7 +120,7 @@ def test_original_block_profile_reloads_under_the_old_flag_name(tiny_llama, data
     assert code == 0, err
     res = json.load(open(tmp_path / "o" / "results_wanda.json"))
     assert res["per_layer_sparsity"] == pytest.approx([0.25, 0.75], abs=0.01)
-    saved = json.load(open(tmp_path / "o" / "profile.json"))
+    saved = json.load(open(tmp_path / "o" / "profile_wanda_unstructured_s0.50.json"))
     assert saved["sparsity"] == [0.25, 0.75]
 
 
@@ -216,4 +216,40 @@ def test_bad_input_has_no_traceback_in_a_real_process(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not save.exists()
+
+
+# ------------------------------------------------------------------------------------------- KV cache
+def test_kv_bits_on_a_pruned_model_logs_ppl_and_kv_bytes(tiny_llama, data_dir, tmp_path, capsys):
+    code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+                                   "--kv_bits", "8", "--kv_group_size", "16", "--save", str(tmp_path)), capsys)
+    assert code == 0, err
+    lines = open(tmp_path / "log_wanda.txt").read().splitlines()
+    assert lines[0] == "method\tactual_sparsity\tppl_test\tkv_bytes_per_token\tkv_ratio_fp16"
+    _, _, ppl, kv_bytes, ratio = lines[1].split("\t")
+    assert 0.5 < float(ratio) < 0.6 and float(kv_bytes) > 0
+    assert "bytes per token" in out
+    res = json.load(open(tmp_path / "results_wanda.json"))
+    assert res["kv"]["key_bits"] == [8, 8]
+    saved = [f for f in os.listdir(tmp_path) if f.startswith("profile") and f.endswith(".json")]
+    assert saved and json.load(open(tmp_path / saved[0]))["kv_bits"] == {"key": [8, 8], "value": [8, 8]}
+    # The saved profile reloads as --kv_profile and gives the same perplexity.
+    code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+                                   "--kv_profile", str(tmp_path / saved[0]), "--kv_group_size", "16",
+                                   "--save", str(tmp_path / "again")), capsys)
+    assert code == 0, err
+    assert open(tmp_path / "again" / "log_wanda.txt").read().splitlines()[1].split("\t")[2] == ppl
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--kv_bits", "7"], "invalid choice"),
+    (["--kv_bits", "8"], "divide head_dim"),  # default group 32 vs head_dim 16
+    (["--kv_profile", "8x3", "--kv_group_size", "16"], "3 layers"),
+    (["--kv_bits", "8", "--kv_profile", "8x2", "--kv_group_size", "16"], "not both"),
+])
+def test_bad_kv_input(tiny_llama, data_dir, tmp_path, capsys, extra, needle):
+    save = tmp_path / "never"
+    code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32", *extra,
+                            "--save", str(save)], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not save.exists()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# TPE search of per-block sparsity at 50/60/70% with the Optspa metric, then prune and report WikiText-2 test ppl.
+# Models: llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, llava-hf/llava-v1.6-vicuna-7b-hf.
+#   scripts/sweeps/search_sparsity.sh llava-hf/llava-1.5-7b-hf
+# Many nodes on one study: STORAGE=postgresql://... run the same command on every node (each resumes the study).
+source "$(dirname "$0")/common.sh"
+for s in $TARGETS; do
+  "$PY" "$ROOT/main.py" --model "$MODEL" --prune_method optspa --sparsity_ratio "$s" --sparsity_type unstructured \
+    --search sparsity --search_granularity "$GRANULARITY" --num_blocks "$NUM_BLOCKS" --n_trials "$N_TRIALS" \
+    $(storage_flags) --save "$OUT/$TAG/sparsity_${GRANULARITY}/s$s" "$@"
+done
