@@ -148,3 +148,19 @@ def test_pruning_changes_later_layer_inputs_sequentially(tiny_llama):
     handle.remove()
     assert seen, "layer 1 ran during calibration"
     assert not torch.allclose(seen[0], dense_in)  # fed by the pruned layer 0
+
+
+def test_offload_path_gives_the_same_masks(tiny_llama):
+    """The offload branch (weights parked on the CPU, one layer moved at a time) prunes identically."""
+    from lib.models import place_model
+
+    calib = None
+    masks = []
+    for offload in (False, True):
+        lm = load_model(tiny_llama, dtype="float32")
+        calib = calib or _calib(len(lm.tokenizer))
+        place_model(lm.model, "cpu", offload)
+        res = prune_optspa(lm.model, calib, Profile.uniform(2, 0.5), SparsityType(), device="cpu", offload=offload)
+        masks.append(res.masks)
+    assert masks[0].keys() == masks[1].keys()
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
