@@ -343,6 +343,9 @@ def run(args) -> int:
     offload = models.should_offload(model, device, args.offload)
     models.place_model(model, device, offload)
     check_kv_settings(args, model)
+    if args.search in ("sparsity", "joint") and args.search_granularity == "block" and \
+            args.num_blocks is not None and args.num_blocks > num_layers:
+        raise UsageError(f"--num_blocks {args.num_blocks} is more than the model's {num_layers} decoder layers")
     logger.info("use device %s (dtype %s, offload %s, seqlen %d)", device, next(model.parameters()).dtype,
                 offload, seqlen)
 

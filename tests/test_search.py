@@ -227,10 +227,8 @@ def test_bad_search_flags_exit_2_with_one_line(tiny_llama, data_dir, tmp_path, c
     extra = [e for e in extra if e != "--no_save"]
     code, _, err = run_cli(_args(tiny_llama, data_dir, *extra, *save), capsys)
     assert code == 2, err
-    # One error line (model-loading bars from transformers may precede it once the model loads).
-    errors = [line for line in err.strip().splitlines() if "error" in line]
-    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1] and needle in errors[0], err
-    assert not (tmp_path / "out" / "search.db").exists() or case == "more blocks than layers"
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 # ------------------------------------------------------------------------------------ shared studies
@@ -293,3 +291,50 @@ def test_kl_objective_and_sequential_mode(tiny_llama, data_dir, tmp_path):
     assert all(t["value"] > 0 for t in r.trials)  # pruning moves the distribution away from the dense one
     assert r.profile.meta["objective"] == "kl" and r.profile.meta["trial_mode"] == "sequential"
     assert check_sparsity(lm.model)[0] < 0.01
+
+
+def test_killed_worker_loses_no_completed_trial_and_resume_finishes(tiny_llama, data_dir, tmp_path, capsys):
+    """SIGKILL in the middle of a search: the SQLite study stays intact, completed trials survive, no output file
+    is half-written, and the same command run again completes the study without redoing them."""
+    import signal
+    import sqlite3
+    import time
+
+    save = tmp_path / "out"
+    extra = ["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity", "--search_granularity",
+             "layer", "--n_trials", "25", "--study_name", "killme", "--save", str(save)]
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), *_args(tiny_llama, data_dir, *extra)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    db = save / "search.db"
+
+    def complete() -> dict[int, float]:
+        if not db.exists():
+            return {}
+        con = sqlite3.connect(db)
+        try:
+            rows = con.execute("SELECT t.number, v.value FROM trials t JOIN trial_values v ON v.trial_id = t.trial_id "
+                               "WHERE t.state = 'COMPLETE'").fetchall()
+        except sqlite3.OperationalError:  # tables not created yet
+            rows = []
+        finally:
+            con.close()
+        return dict(rows)
+
+    deadline = time.time() + 240
+    while len(complete()) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = complete()
+    assert 3 <= len(before) < 25, "the worker was killed mid-search"
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    assert not [f for f in os.listdir(save) if f.endswith(".tmp")]
+
+    code, out, err = run_cli(_args(tiny_llama, data_dir, *extra), capsys)
+    assert code == 0, err
+    after = complete()
+    assert len(after) >= 25
+    assert all(after[n] == pytest.approx(v) for n, v in before.items())  # kept, not redone
