@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 
 logger = logging.getLogger("optspa")
 
@@ -266,14 +265,15 @@ def kv_kwargs(args) -> dict:
 
 
 def check_kv_settings(args, model) -> None:
-    """Fail before any search or pruning when the KV settings cannot fit the model."""
+    """Fail before any search or pruning when the KV flags cannot fit the model (bits, layer count, groups)."""
     from lib.kvquant import KVQuantConfig, kv_dims
 
     if args.kv_bits is None and args.kv_profile is None and args.search not in ("kv", "joint"):
         return
     num_layers, _, head_dim = kv_dims(model)
     try:
-        KVQuantConfig.uniform(8, num_layers, **kv_kwargs(args)).validate(num_layers, head_dim)
+        cfg = KVQuantConfig.from_cli(num_layers, kv_bits=args.kv_bits, kv_profile=args.kv_profile, **kv_kwargs(args))
+        (cfg or KVQuantConfig.uniform(8, num_layers, **kv_kwargs(args))).validate(num_layers, head_dim)
     except ValueError as exc:
         raise UsageError(f"KV quantization: {exc}") from exc
 
@@ -313,8 +313,6 @@ def resolve_device(requested: str | None) -> str:
 
 
 def run(args) -> int:
-    import torch
-
     from lib import data, masks as masks_lib, models
     from lib.eval import eval_ppl, eval_zero_shot
     from lib.io import write_dir, write_json, write_text
@@ -324,7 +322,8 @@ def run(args) -> int:
 
     pattern = validate(args)
     device = resolve_device(args.device)
-    needs_calib = args.prune_method in ("wanda", "sparsegpt", "optspa") and args.masks is None
+    needs_calib = (args.prune_method in ("wanda", "sparsegpt", "optspa") and args.masks is None) or \
+        args.layer_allocation == "owl" or args.search in ("sparsity", "joint")
     # Fail on missing local data before spending minutes on loading the model.
     if needs_calib:
         data.check_available(args.calib_dataset, "train", args.data_dir)
@@ -332,8 +331,6 @@ def run(args) -> int:
         data.check_available(name, "test" if name == "wikitext2" else "validation", args.data_dir)
     if args.search is not None:
         data.check_available(args.objective_dataset, "validation", args.data_dir)
-    if args.layer_allocation == "owl" or args.search in ("sparsity", "joint"):
-        data.check_available(args.calib_dataset, "train", args.data_dir)
 
     logger.info("loading llm model %s", args.model)
     loaded = models.load_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype, device=device)

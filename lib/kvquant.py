@@ -57,7 +57,6 @@ O(1) quantization work (CPU has no fused dequant-attention kernel); that copy sa
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

@@ -46,7 +46,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .eval import eval_ppl, windows
-from .io import atomic_path, write_json, write_text
+from .io import atomic_path, write_text
 from .layerwise import capture_layer_inputs, run_layer
 from .models import decoder_layers, find_linears
 from .profile import Profile, block_layers

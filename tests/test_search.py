@@ -18,7 +18,7 @@ from lib.models import load_model
 from lib.owl import outlier_ratios, owl_allocation
 from lib.profile import Profile
 from lib.prune import check_sparsity, prune_optspa
-from lib.search import (DenseSnapshot, OneShotPruner, SearchConfig, SearchSpace, dense_input_stats, module_shapes,
+from lib.search import (DenseSnapshot, OneShotPruner, SearchConfig, SearchSpace, dense_input_stats,
                         realize, realized_sparsity, run_search)
 from lib.sparsity import SparsityType
 
