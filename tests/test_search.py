@@ -338,3 +338,19 @@ def test_killed_worker_loses_no_completed_trial_and_resume_finishes(tiny_llama, 
     after = complete()
     assert len(after) >= 25
     assert all(after[n] == pytest.approx(v) for n, v in before.items())  # kept, not redone
+
+    # The study is readable by optuna-dashboard (its WSGI app, called directly: no server, no network).
+    import io
+    import json as _json
+
+    from optuna_dashboard import wsgi
+
+    app = wsgi(f"sqlite:///{db}")
+    status = {}
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies", "QUERY_STRING": "", "SERVER_NAME": "localhost",
+           "SERVER_PORT": "80", "wsgi.input": io.BytesIO(b""), "wsgi.url_scheme": "http"}
+    studies = _json.loads(b"".join(app(env, lambda s, h, e=None: status.update(s=s))))
+    assert status["s"].startswith("200") and studies["study_summaries"][0]["study_name"] == "killme"
+    env["PATH_INFO"] = f"/api/studies/{studies['study_summaries'][0]['study_id']}"
+    detail = _json.loads(b"".join(app(env, lambda s, h, e=None: status.update(s=s))))
+    assert sum(t["state"] == "Complete" for t in detail["trials"]) >= 25
