@@ -135,3 +135,22 @@ def test_profile_round_trip_and_original_formats(tmp_path):
         load_profile(str(bad))
     with pytest.raises(ProfileError, match="outside"):
         Profile(num_layers=1, sparsity=[1.2]).validate(1)
+
+
+def test_shipped_profiles_are_valid_for_an_8_layer_llama():
+    """profiles/*.json (searched on the 8-layer testbed model) load and validate."""
+    import glob
+    import os
+
+    from conftest import ROOT
+
+    files = sorted(glob.glob(os.path.join(ROOT, "profiles", "*.json")))
+    assert files
+    modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+    for path in files:
+        p = load_profile(path, num_layers=8)
+        p.validate(8, modules)
+        assert p.target_sparsity in (0.5, 0.6) and p.meta.get("wasted_fraction", 0) == 0
+        if "_kv" in os.path.basename(path):
+            assert p.key_bits is not None and sum(p.key_bits) / 8 <= 7
