@@ -10,7 +10,8 @@ GRANULARITY="${GRANULARITY:-block}"
 NUM_BLOCKS="${NUM_BLOCKS:-8}"
 # Shared study storage for many nodes, e.g. STORAGE=postgresql://user:pw@db-host/optuna; empty: sqlite in --save
 STORAGE="${STORAGE:-}"
-model_tag() { echo "$1" | tr '/:' '__'; }
+# hub id -> org_name; local directory -> its basename
+model_tag() { if [ -d "$1" ]; then basename "$1"; else echo "$1" | tr '/:' '__'; fi; }
 storage_flags() { [ -n "$STORAGE" ] && echo "--storage $STORAGE" || true; }
 if [ $# -lt 1 ]; then
   echo "usage: $0 MODEL_ID [extra main.py flags...]  (e.g. llava-hf/llava-1.5-7b-hf)" >&2
