@@ -454,9 +454,12 @@ def run(args) -> int:
         })
         logger.info("wrote results to %s", args.save)
     if args.save_model:
+        processor = models.load_processor(args.model, args.cache_dir) if loaded.multimodal else None
+
         def fill(tmp: str) -> None:
             model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            # LLaVA needs its image processor too, so the saved folder runs generate() with images as is.
+            (processor or tokenizer).save_pretrained(tmp)
         model.to("cpu")
         write_dir(args.save_model, fill)
         logger.info("saved pruned model to %s", args.save_model)

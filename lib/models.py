@@ -68,6 +68,17 @@ def load_tokenizer(name: str, cache_dir: str | None = None):
         raise ModelLoadError(f"cannot load tokenizer for '{name}': {first}") from exc
 
 
+def load_processor(name: str, cache_dir: str | None = None):
+    """A multimodal checkpoint's processor (tokenizer + image processor), or None when it ships none."""
+    from transformers import AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(name, cache_dir=cache_dir)
+    except Exception:  # text-only folders and checkpoints without a processor config
+        return None
+    return proc if hasattr(proc, "image_processor") else None
+
+
 def model_class_for(config) -> tuple[type, bool]:
     """The transformers class for a config, and whether the model is multimodal."""
     import transformers

@@ -80,6 +80,11 @@ def tiny_llava(tmp_path_factory) -> str:
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)
     model.save_pretrained(folder)
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8, image_token="<image>",
+                   vision_feature_select_strategy="default").save_pretrained(folder)
     return folder
 
 

@@ -110,6 +110,10 @@ def test_llava_prunes_only_language_model(tiny_llava, data_dir, tmp_path, capsys
             assert ((mod.weight == 0).sum(1) == mod.in_features // 2).all()
     manifest = json.load(open(tmp_path / "out" / "masks.json"))
     assert all(".language_model.layers." in k for k in manifest["modules"])
+    # The saved folder keeps the image processor, so it runs with images as it is.
+    from transformers import AutoProcessor
+
+    assert type(AutoProcessor.from_pretrained(str(saved_model))).__name__ == "LlavaProcessor"
 
 
 def test_original_block_profile_reloads_under_the_old_flag_name(tiny_llama, data_dir, tmp_path, capsys):
