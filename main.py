@@ -435,7 +435,7 @@ def run(args) -> int:
         if result is not None:
             masks_lib.save_masks(args.save, result.masks, result.shapes, meta)
         if profile is not None and (method != "dense" or profile.key_bits is not None):
-            from lib.search import profile_filename
+            from lib.profile import profile_filename
 
             profile.meta.update({"actual_sparsity": sparsity, "ppl": ppl})
             kv_avg = sum(profile.key_bits) / len(profile.key_bits) if profile.key_bits else None

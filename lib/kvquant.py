@@ -70,7 +70,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from .models import decoder_layers
+from .models import decoder_layers, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 def kv_dims(model: nn.Module) -> tuple[int, int, int]:
     """(num decoder layers, num KV heads, head_dim) from the model's text config."""
-    cfg = model.config.get_text_config(decoder=True)
+    cfg = text_config(model)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

@@ -151,6 +151,16 @@ class Profile:
         return cls(num_layers=num_layers, sparsity=sparsity, meta={"source_format": "original-blocks"})
 
 
+def profile_filename(method: str, sparsity_type: str, target: float | None, kv_avg: float | None = None) -> str:
+    """``profile_optspa_unstructured_s0.50.json``; the target is in the name so sweeps never overwrite."""
+    name = f"profile_{method}_{sparsity_type.replace(':', '-')}"
+    if target is not None:
+        name += f"_s{target:.2f}"
+    if kv_avg is not None:
+        name += f"_kv{kv_avg:g}"
+    return name + ".json"
+
+
 def load_profile(path: str, num_layers: int | None = None, num_blocks: int | None = None) -> Profile:
     try:
         with open(path, encoding="utf-8") as f:

@@ -106,6 +106,20 @@ class SparseGPTCollector:
 
 
 # ----------------------------------------------------------------------------------------- driver
+def collect_layer_inputs(layer: nn.Module, inputs, device: str | torch.device, collectors: dict[str, _Collector],
+                         keep: bool = False) -> list[torch.Tensor]:
+    """Run ``layer`` on every stored batch while each named linear's collector sees that linear's inputs;
+    returns the layer's outputs when ``keep`` (the pruning driver and the search's dense statistics share it)."""
+    linears = find_linears(layer)
+    handles = [linears[name].register_forward_hook(
+        lambda _m, inp, out, c=collector: c.add_batch(inp[0].data, out.data)) for name, collector in collectors.items()]
+    try:
+        return run_layer(layer, inputs, device, keep=keep)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _prune_sequential(
     model: nn.Module, calib: list[torch.Tensor], profile: Profile, pattern: SparsityType,
     make_collector: Callable[[nn.Linear], _Collector], device: str | torch.device, offload: bool, desc: str,
@@ -120,17 +134,8 @@ def _prune_sequential(
     for i, layer in enumerate(tqdm(layers, desc=desc)):
         if offload:
             layer.to(device)
-        linears = find_linears(layer)
-        collectors = {name: make_collector(mod) for name, mod in linears.items()}
-        handles = [
-            mod.register_forward_hook(lambda _m, inp, out, c=collectors[name]: c.add_batch(inp[0].data, out.data))
-            for name, mod in linears.items()
-        ]
-        try:
-            run_layer(layer, inputs, device, keep=False)
-        finally:
-            for h in handles:
-                h.remove()
+        collectors = {name: make_collector(mod) for name, mod in find_linears(layer).items()}
+        collect_layer_inputs(layer, inputs, device, collectors, keep=False)
         _sync(device)
         t0 = time.perf_counter()
         for name, collector in collectors.items():

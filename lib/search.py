@@ -55,10 +55,10 @@ from tqdm import tqdm
 
 from .eval import eval_ppl, windows
 from .io import atomic_path, write_text
-from .layerwise import capture_layer_inputs, run_layer
+from .layerwise import capture_layer_inputs
 from .models import decoder_layers, find_linears
 from .profile import Profile, block_layers
-from .prune import InputStats, prune_optspa
+from .prune import InputStats, collect_layer_inputs, prune_optspa
 from .sparsity import SparsityType, optspa_score
 
 logger = logging.getLogger(__name__)
@@ -360,13 +360,8 @@ def dense_input_stats(model: nn.Module, calib: list[torch.Tensor], device: str |
         if offload:
             layer.to(device)
         collectors = {n: InputStats(m, optspa_score) for n, m in find_linears(layer).items()}
-        handles = [m.register_forward_hook(lambda _m, inp, out, c=collectors[n]: c.add_batch(inp[0].data, out.data))
-                   for n, m in find_linears(layer).items()]
-        try:
-            inputs.hidden = run_layer(layer, inputs, device)  # dense outputs feed the next layer
-        finally:
-            for h in handles:
-                h.remove()
+        # One pass: statistics and the dense outputs that feed the next layer.
+        inputs.hidden = collect_layer_inputs(layer, inputs, device, collectors, keep=True)
         for n, c in collectors.items():
             stats[(i, n)] = c.mean_sq.cpu()
         if offload:
@@ -609,16 +604,6 @@ def plot_profile(path: str, profile: Profile, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def profile_filename(method: str, sparsity_type: str, target: float | None, kv_avg: float | None = None) -> str:
-    """``profile_optspa_unstructured_s0.50.json``; the target is in the name so sweeps never overwrite."""
-    name = f"profile_{method}_{sparsity_type.replace(':', '-')}"
-    if target is not None:
-        name += f"_s{target:.2f}"
-    if kv_avg is not None:
-        name += f"_kv{kv_avg:g}"
-    return name + ".json"
 
 
 def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor] | None,

@@ -32,7 +32,8 @@ from lib.owl import DEFAULT_LAMBDA, DEFAULT_M, outlier_ratios, owl_allocation  #
 from lib.profile import Profile  # noqa: E402
 from lib.prune import check_sparsity, prune_optspa, prune_wanda  # noqa: E402
 from lib.search import (Allocation, DenseSnapshot, SearchConfig, TrialRunner, dense_input_stats,  # noqa: E402
-                        module_shapes, profile_filename, realized_profile, run_search)
+                        module_shapes, realized_profile, run_search)
+from lib.profile import profile_filename  # noqa: E402
 from lib.sparsity import SparsityType  # noqa: E402
 
 logger = logging.getLogger("bench_search")
