@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trial score: validation perplexity, or KL divergence to the dense model's logits")
     s.add_argument("--objective_dataset", default="wikitext2", choices=["wikitext2", "c4"],
                    help="validation text of the trial objective (never the test split; default wikitext2)")
-    s.add_argument("--objective_nsamples", type=int, default=16, help="seqlen windows per objective (16)")
+    s.add_argument("--objective_nsamples", type=int, default=64, help="seqlen windows of validation text per objective evaluation (64)")
     s.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by workers (postgresql://, mysql://, sqlite:///, or a journal "
                         "file: journal:PATH / *.log); default sqlite file search.db in --save")

@@ -403,6 +403,9 @@ class Objective:
         self.nwin = min(nsamples, ids.numel() // seqlen)
         if self.nwin < 1:
             raise SearchError(f"objective text has {ids.numel()} tokens, fewer than one {seqlen}-token window")
+        if self.nwin < nsamples:
+            logger.warning("objective text holds %d windows of %d tokens; using %d, not %d",
+                           self.nwin, seqlen, self.nwin, nsamples)
         self.ids = ids[:, : self.nwin * seqlen]
         self.dense_logp: list[torch.Tensor] | None = None
         if kind == "kl":
@@ -607,7 +610,7 @@ def plot_profile(path: str, profile: Profile, title: str) -> None:
 
 
 def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor] | None,
-               objective_ids: torch.Tensor, seqlen: int, objective_nsamples: int = 16,
+               objective_ids: torch.Tensor, seqlen: int, objective_nsamples: int = 64,
                device: str | torch.device = "cpu", offload: bool = False, model_name: str = "",
                base_profile: Profile | None = None, kv_kwargs: dict[str, Any] | None = None,
                progress: bool = True) -> SearchResult:

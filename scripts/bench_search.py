@@ -38,6 +38,7 @@ from lib.sparsity import SparsityType  # noqa: E402
 
 logger = logging.getLogger("bench_search")
 MARK_START, MARK_END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
+PROFILES_START, PROFILES_END = "<!-- profiles:start -->", "<!-- profiles:end -->"
 
 
 def main() -> int:
@@ -46,12 +47,13 @@ def main() -> int:
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "testbed", "data"))
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "search_cpu.json"))
     p.add_argument("--readme", default=None, help="replace the bench_search section of this markdown file")
-    p.add_argument("--profiles_dir", default=None, help="also write the searched profiles here")
+    p.add_argument("--profiles_dir", default=None,
+                   help="also write the searched profiles here, and their table into its README.md")
     p.add_argument("--work_dir", default=None, help="study databases (default: a temporary folder)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6])
     p.add_argument("--n_trials", type=int, default=50)
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (c4)")
-    p.add_argument("--objective_nsamples", type=int, default=8, help="WikiText-2 validation windows per trial")
+    p.add_argument("--objective_nsamples", type=int, default=64, help="WikiText-2 validation windows per trial")
     p.add_argument("--kv_avg_bits", type=float, default=7.0)
     p.add_argument("--joint_target", type=float, default=0.5)
     p.add_argument("--seq_compare", type=int, default=8, help="trials re-scored in sequential mode")
@@ -63,10 +65,13 @@ def main() -> int:
     if args.table_only:
         import json
 
-        table = markdown(json.load(open(args.out, encoding="utf-8")))
+        res = json.load(open(args.out, encoding="utf-8"))
+        table = markdown(res)
         print(table)
         if args.readme:
             replace_section(args.readme, table)
+        if args.profiles_dir:
+            write_profiles_table(args.profiles_dir, res)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "lib.eval", "lib.kvquant"):
@@ -189,6 +194,8 @@ def main() -> int:
     print(table)
     if args.readme:
         replace_section(args.readme, table)
+    if args.profiles_dir:
+        write_profiles_table(args.profiles_dir, res)
     return 0
 
 
@@ -222,7 +229,7 @@ def compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers)
                     times["trial_seconds"])
     runner.restore()
     rho = spearmanr([p["oneshot"] for p in pairs], [p["sequential"] for p in pairs]).statistic if len(pairs) > 2 else None
-    return {"pairs": pairs, "spearman": None if rho is None else round(float(rho), 3),
+    return {"target": target, "pairs": pairs, "spearman": None if rho is None else round(float(rho), 3),
             "oneshot_trial_seconds": round(sum(p["oneshot_seconds"] for p in pairs) / max(len(pairs), 1), 3),
             "sequential_trial_seconds": round(sum(p["sequential_seconds"] for p in pairs) / max(len(pairs), 1), 3),
             "eval_seconds": round(runner.eval_seconds, 3)}
@@ -250,7 +257,8 @@ def markdown(res: dict) -> str:
                      f"{s['trial_over_eval']:.2f}x | {s['best_val_ppl']:.2f} ({s['uniform_val_ppl']:.2f}) |")
     m = res.get("modes")
     if m:
-        lines += ["", f"Trial modes on the first {len(m['pairs'])} trials of the 50% block study: oneshot "
+        mode_target = m.get("target", res["search"][0]["target"])  # older result files lack the key
+        lines += ["", f"Trial modes on the first {len(m['pairs'])} trials of the {mode_target:.0%} block study: oneshot "
                   f"{m['oneshot_trial_seconds']:.2f} s/trial, sequential (Wanda-style recalibration per trial) "
                   f"{m['sequential_trial_seconds']:.2f} s/trial; Spearman rank correlation of their objective "
                   f"values {m['spearman']}."]
@@ -258,12 +266,47 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: str, table: str) -> None:
+def profiles_markdown(profiles_dir: str, res: dict) -> str:
+    """Table of the profiles in profiles_dir that this result file measured (matched by target, search kind and
+    granularity), with the test perplexity of each and of its uniform baseline."""
+    import glob
+    import json
+
+    lines = ["| file | search | target | granularity | test ppl | uniform baseline test ppl |", "|---|---|---|---|---|---|"]
+    rows = res["rows"]
+    for path in sorted(glob.glob(os.path.join(profiles_dir, "*.json"))):
+        prof = json.load(open(path, encoding="utf-8"))
+        meta = prof.get("meta", {})
+        kind, gran, target = meta.get("search"), meta.get("granularity"), prof.get("target_sparsity")
+        match = [s for s in res["search"] if s["search"] == kind and s["granularity"] == gran
+                 and abs(s["target"] - target) < 1e-9 and "ppl_test" in s]
+        if not match:
+            continue
+        if kind == "joint":
+            base = [r for r in rows if r["target"] == target and r["allocation"].startswith("uniform (optspa) + KV")]
+            what = f"sparsity + KV bits {{{', '.join(map(str, sorted(set(prof['kv_bits']['key']))))}}}, " \
+                   f"{meta.get('kv_avg_bits'):g}-bit average"
+            base_name = "uniform optspa, KV 8/6 halves"
+        else:
+            base = [r for r in rows if r["target"] == target and r["allocation"] == "uniform (optspa)"]
+            what, base_name = kind, "uniform optspa"
+        grain = f"{meta.get('num_blocks')} blocks" if gran == "block" else f"per {gran}"
+        b = f"{base[0]['ppl_test']:.2f} ({base_name})" if base else ""
+        lines.append(f"| `{os.path.basename(path)}` | {what} | {target:.0%} | {grain} | {match[0]['ppl_test']:.2f} | {b} |")
+    return "\n".join(lines)
+
+
+def write_profiles_table(profiles_dir: str, res: dict) -> None:
+    readme = os.path.join(profiles_dir, "README.md")
+    if os.path.exists(readme):
+        replace_section(readme, profiles_markdown(profiles_dir, res), PROFILES_START, PROFILES_END)
+
+
+def replace_section(path: str, table: str, start: str = MARK_START, end: str = MARK_END) -> None:
     text = open(path, encoding="utf-8").read()
-    if MARK_START not in text or MARK_END not in text:
-        raise SystemExit(f"{path} has no {MARK_START} ... {MARK_END} section")
-    new = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END),
-                 lambda _m: f"{MARK_START}\n{table}\n{MARK_END}", text, flags=re.S)
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} section")
+    new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: f"{start}\n{table}\n{end}", text, flags=re.S)
     write_text(path, new)
 
 

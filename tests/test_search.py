@@ -354,3 +354,18 @@ def test_killed_worker_loses_no_completed_trial_and_resume_finishes(tiny_llama, 
     env["PATH_INFO"] = f"/api/studies/{studies['study_summaries'][0]['study_id']}"
     detail = _json.loads(b"".join(app(env, lambda s, h, e=None: status.update(s=s))))
     assert sum(t["state"] == "Complete" for t in detail["trials"]) >= 25
+
+
+def test_objective_uses_what_the_text_holds_and_says_so(tiny_llama, caplog):
+    """Asking for more objective windows than the validation text holds evaluates all of them, with a warning."""
+    from lib.search import Objective
+    lm = load_model(tiny_llama, dtype="float32")
+    ids = torch.randint(0, lm.model.config.vocab_size, (1, 3 * 32 + 5))
+    with caplog.at_level("WARNING", logger="lib.search"):
+        obj = Objective(lm.model, ids, 32, 64, "cpu", False)
+    assert obj.nwin == 3 and obj.ids.shape[1] == 96
+    assert "holds 3 windows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lib.search"):
+        assert Objective(lm.model, ids, 32, 2, "cpu", False).nwin == 2
+    assert "holds" not in caplog.text
