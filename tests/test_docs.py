@@ -1,0 +1,48 @@
+"""The README's result tables are the benchmark scripts' output for the committed result files, to the letter:
+a hand edit of a number (or a result file changed without regenerating the tables) fails here."""
+import importlib.util
+import json
+import os
+import re
+
+from conftest import ROOT
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _section(path, name):
+    text = open(path, encoding="utf-8").read()
+    m = re.search(rf"<!-- {name}:start -->\n(.*?)\n<!-- {name}:end -->", text, flags=re.S)
+    assert m, f"{path} lacks the {name} markers"
+    return m.group(1)
+
+
+def _results(name):
+    return json.load(open(os.path.join(ROOT, "scripts", "results", name), encoding="utf-8"))
+
+
+def test_readme_prune_table_is_the_scripts_output():
+    bench = _script("bench_prune")
+    out = _results("prune_cpu.json")
+    assert _section(os.path.join(ROOT, "README.md"), "bench_prune") == bench.table(out["results"]) + "\n\n" + bench.footnote(out)
+
+
+def test_readme_search_table_is_the_scripts_output():
+    bench = _script("bench_search")
+    res = _results("search_cpu.json")
+    assert _section(os.path.join(ROOT, "README.md"), "bench_search") == bench.markdown(res)
+
+
+def test_profiles_table_lists_every_shipped_profile_with_its_measured_ppl():
+    bench = _script("bench_search")
+    res = _results("search_cpu.json")
+    profiles = os.path.join(ROOT, "profiles")
+    table = _section(os.path.join(profiles, "README.md"), "profiles")
+    assert table == bench.profiles_markdown(profiles, res)
+    shipped = sorted(f for f in os.listdir(profiles) if f.endswith(".json"))
+    assert [line.split("`")[1] for line in table.splitlines()[2:]] == shipped
