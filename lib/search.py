@@ -58,7 +58,7 @@ from .io import atomic_path, write_text
 from .layerwise import capture_layer_inputs
 from .models import decoder_layers, find_linears
 from .profile import Profile, block_layers
-from .prune import InputStats, collect_layer_inputs, prune_optspa
+from .prune import InputStats, check_sparsity, collect_layer_inputs, prune_optspa
 from .sparsity import SparsityType, optspa_score
 
 logger = logging.getLogger(__name__)
@@ -511,6 +511,10 @@ class TrialRunner:
         self.kv_kwargs = dict(kv_kwargs or {})
         self.snapshot = self.oneshot = None
         if cfg.searches_sparsity:
+            zeros = check_sparsity(model)[0]
+            if zeros > 0.01:  # trials restore to these weights and score them as if they were dense
+                logger.warning("the model's decoder linears are already %.1f%% zeros: the sparsity search prunes "
+                               "these weights as if they were dense", 100 * zeros)
             self.snapshot = DenseSnapshot(model)
             if cfg.trial_mode == "oneshot":
                 t0 = time.perf_counter()

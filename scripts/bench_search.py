@@ -123,6 +123,7 @@ def main() -> int:
         cfg = SearchConfig(target=target, kind=kind, granularity=gran, num_blocks=min(8, num_layers),
                            n_trials=args.n_trials, seed=args.seed, kv_avg_bits=args.kv_avg_bits,
                            save_dir=os.path.join(work, f"{kind}_{gran}_{target:.2f}"))
+        snapshot.restore()  # every search starts from the dense weights, as in a fresh main.py run
         r = run_search(model, cfg, calib=calib, objective_ids=val_ids, seqlen=seqlen,
                        objective_nsamples=args.objective_nsamples, model_name=res["model"], progress=False,
                        kv_kwargs={"group_size": kv_group})
@@ -172,6 +173,7 @@ def main() -> int:
             info["gain_vs_uniform_pct"] = round(100 * (uniform_ppl - ppl) / uniform_ppl, 2)
             row(target, f"TPE {gran} (optspa)", prof, ppl, search_seconds=info["wall_seconds"])
             if target == args.targets[0] and gran == "block" and args.seq_compare:
+                snapshot.restore()
                 res["modes"] = compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers)
                 save()
 

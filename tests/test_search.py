@@ -369,3 +369,19 @@ def test_objective_uses_what_the_text_holds_and_says_so(tiny_llama, caplog):
     with caplog.at_level("WARNING", logger="lib.search"):
         assert Objective(lm.model, ids, 32, 2, "cpu", False).nwin == 2
     assert "holds" not in caplog.text
+
+
+def test_sparsity_search_on_an_already_pruned_model_warns(tiny_llama, data_dir, caplog):
+    """Trials restore to the weights the search starts from: a pre-pruned start is flagged, a dense one is not."""
+    from lib.search import TrialRunner
+    lm = load_model(tiny_llama, dtype="float32")
+    ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    cfg = SearchConfig(target=0.5, kind="sparsity", granularity="layer", trial_mode="sequential", save_dir=None)
+    with caplog.at_level("WARNING", logger="lib.search"):
+        TrialRunner(lm.model, cfg, None, ids, 32, 1, "cpu", False)
+    assert "already" not in caplog.text
+    calib = data.get_calibration("c4", lm.tokenizer, 4, 0, 32, data_dir)
+    prune_optspa(lm.model, calib, Profile.uniform(len(lm.model.model.layers), 0.5), SparsityType())
+    with caplog.at_level("WARNING", logger="lib.search"):
+        TrialRunner(lm.model, cfg, None, ids, 32, 1, "cpu", False)
+    assert "already 50.0% zeros" in caplog.text
