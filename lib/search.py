@@ -475,6 +475,22 @@ def open_storage(url: str, heartbeat_seconds: int = 60):
     raise AssertionError("unreachable")
 
 
+def scoring_fingerprint(model: nn.Module, objective_ids: torch.Tensor, seqlen: int, objective_nsamples: int,
+                        calib: list[torch.Tensor] | None, kv_kwargs: dict[str, Any] | None) -> str:
+    """What a trial's value depends on besides its parameters: the objective windows actually scored, the
+    calibration windows, the KV quantizer settings and the weights' dtype. A study refuses trials scored
+    on anything else, so a resumed or shared study never mixes values that are not comparable."""
+    h = hashlib.sha256()
+    nwin = max(0, min(objective_nsamples, objective_ids.numel() // seqlen))
+    h.update(objective_ids[:, : nwin * seqlen].contiguous().cpu().numpy().tobytes())
+    for window in calib or []:
+        h.update(window.contiguous().cpu().numpy().tobytes())
+    dtype = next(model.parameters()).dtype
+    h.update(json.dumps({"seqlen": seqlen, "windows": nwin, "calib": len(calib or []), "kv": kv_kwargs or {},
+                         "dtype": str(dtype)}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def default_study_name(cfg: SearchConfig, model_name: str) -> str:
     base = os.path.basename(os.path.normpath(model_name)) or model_name
     name = f"optspa-{base}-{cfg.kind}-{cfg.granularity}-s{cfg.target:.2f}"
@@ -643,6 +659,16 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     if have is not None and have != fp:
         raise SearchError(f"study '{name}' in {url.split('@')[-1]} was created with other search settings; "
                           "pass another --study_name")
+    scoring = scoring_fingerprint(model, objective_ids, seqlen, objective_nsamples, calib, kv_kwargs)
+    have_scoring = study.user_attrs.get("scoring")
+    if have_scoring is not None and have_scoring != scoring:
+        raise SearchError(f"study '{name}' in {url.split('@')[-1]} was scored on other data (objective windows, "
+                          "calibration, KV settings or dtype); use the same flags or another --study_name")
+    if have_scoring is None:
+        if study.trials:
+            logger.warning("study '%s' does not record what its trials were scored on; assuming the same data",
+                           name)
+        study.set_user_attr("scoring", scoring)
     if have is None:
         study.set_user_attr("space", fp)
         study.set_user_attr("target_sparsity", cfg.target)

@@ -101,13 +101,13 @@ def test_oneshot_thresholding_matches_the_optspa_pruner_on_layer_0(tiny_llama):
 
 
 # ------------------------------------------------------------------------------------ library: seeds, resume
-def _lib_search(model_dir, data_dir, save, **kw):
+def _lib_search(model_dir, data_dir, save, objective_nsamples=2, **kw):
     lm = load_model(model_dir, dtype="float32")
     calib = data.get_calibration("c4", lm.tokenizer, 4, 0, 32, data_dir)
     ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
     cfg = SearchConfig(**{"target": 0.5, "kind": "joint", "granularity": "module", "n_trials": 5,
                           "save_dir": str(save), **kw})
-    return run_search(lm.model, cfg, calib=calib, objective_ids=ids, seqlen=32, objective_nsamples=2,
+    return run_search(lm.model, cfg, calib=calib, objective_ids=ids, seqlen=32, objective_nsamples=objective_nsamples,
                       model_name="tiny", progress=False, kv_kwargs={"group_size": 16}), lm
 
 
@@ -133,6 +133,9 @@ def test_same_seed_same_trials_and_resume_does_not_redo(tiny_llama, data_dir, tm
 
     with pytest.raises(SearchError, match="other search settings"):
         _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, sparsity_step=0.05, study_name=a.study_name)
+    # So are trials scored on other objective windows (their values would not be comparable).
+    with pytest.raises(SearchError, match="scored on other data"):
+        _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, n_trials=7, objective_nsamples=1)
 
 
 # ------------------------------------------------------------------------------------ command line
