@@ -52,6 +52,11 @@ def main() -> int:
     p.add_argument("--work_dir", default=None, help="study databases (default: a temporary folder)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6])
     p.add_argument("--n_trials", type=int, default=50)
+    p.add_argument("--granularities", nargs="+", default=["block", "layer", "module"],
+                   choices=["block", "layer", "module"], help="sparsity searches to run per target")
+    p.add_argument("--num_blocks", type=int, default=None,
+                   help="blocks of the block searches (default min(8, layers // 2): the original's 8 on 32-layer "
+                        "models, 4 blocks of 2 layers on the 8-layer testbed, so block and layer differ)")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows (c4)")
     p.add_argument("--objective_nsamples", type=int, default=64, help="WikiText-2 validation windows per trial")
     p.add_argument("--kv_avg_bits", type=float, default=7.0)
@@ -89,6 +94,7 @@ def main() -> int:
     val_ids = data.get_eval_tokens("wikitext2", tok, args.data_dir, "validation", seqlen)
     test_ids = data.get_eval_tokens("wikitext2", tok, args.data_dir, "test", seqlen)
     num_layers = len(decoder_layers(model))
+    num_blocks = args.num_blocks or max(1, min(8, num_layers // 2))
     snapshot = DenseSnapshot(model)
     dense_stats = dense_input_stats(model, calib, "cpu")
     group = KVQuantConfig.uniform(8, num_layers).group_size
@@ -120,7 +126,7 @@ def main() -> int:
         save()
 
     def search(target: float, kind: str, gran: str) -> tuple[Profile, dict]:
-        cfg = SearchConfig(target=target, kind=kind, granularity=gran, num_blocks=min(8, num_layers),
+        cfg = SearchConfig(target=target, kind=kind, granularity=gran, num_blocks=num_blocks,
                            n_trials=args.n_trials, seed=args.seed, kv_avg_bits=args.kv_avg_bits,
                            save_dir=os.path.join(work, f"{kind}_{gran}_{target:.2f}"))
         snapshot.restore()  # every search starts from the dense weights, as in a fresh main.py run
@@ -130,7 +136,7 @@ def main() -> int:
         done = [t for t in r.trials if t["state"] == "COMPLETE"]
         per_trial = sum(t["trial_seconds"] for t in done) / len(done)
         per_eval = sum(t["eval_seconds"] for t in done) / len(done)
-        info = {"target": target, "search": kind, "granularity": gran, "trials": len(done),
+        info = {"target": target, "search": kind, "granularity": gran, "num_blocks": num_blocks, "trials": len(done),
                 "wall_seconds": round(r.seconds, 1), "trial_seconds": round(per_trial, 3),
                 "eval_seconds": round(per_eval, 3), "trial_over_eval": round(per_trial / per_eval, 3),
                 "wasted_fraction": r.wasted_fraction, "best_val_ppl": round(r.best_value, 3),
@@ -144,7 +150,8 @@ def main() -> int:
         if args.profiles_dir:
             os.makedirs(args.profiles_dir, exist_ok=True)
             fname = profile_filename("optspa", "unstructured", target,
-                                     args.kv_avg_bits if kind == "joint" else None).replace(".json", f"_{gran}.json")
+                                     args.kv_avg_bits if kind == "joint" else None)
+            fname = fname.replace(".json", f"_{gran}{num_blocks if gran == 'block' else ''}.json")
             write_json(os.path.join(args.profiles_dir, f"testbed_{fname}"), r.profile.to_dict())
         return r.profile, info
 
@@ -164,17 +171,18 @@ def main() -> int:
         owl_prof = realized_profile(model, {u: owl[u[0]] for u in shapes}, target)
         prune_optspa(model, calib, owl_prof, pattern)
         row(target, f"OWL (optspa, lambda {DEFAULT_LAMBDA}, M {DEFAULT_M:g})", owl_prof, test_ppl())
-        for gran in ("block", "layer"):
+        for gran in args.granularities:
             prof, info = search(target, "sparsity", gran)
             snapshot.restore()
             prune_optspa(model, calib, prof, pattern)
             ppl = test_ppl()
             info["ppl_test"] = round(ppl, 3)
             info["gain_vs_uniform_pct"] = round(100 * (uniform_ppl - ppl) / uniform_ppl, 2)
-            row(target, f"TPE {gran} (optspa)", prof, ppl, search_seconds=info["wall_seconds"])
-            if target == args.targets[0] and gran == "block" and args.seq_compare:
+            row(target, f"TPE {grain(gran, num_blocks)} (optspa)", prof, ppl, search_seconds=info["wall_seconds"])
+            if target == args.targets[0] and gran == args.granularities[0] and args.seq_compare:
                 snapshot.restore()
                 res["modes"] = compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers)
+                res["modes"]["study"] = f"{target:.0%} {grain(gran, num_blocks)}"
                 save()
 
     # Joint sparsity + KV at an average bit budget, against uniform sparsity with the budget split in halves.
@@ -183,12 +191,13 @@ def main() -> int:
     prune_optspa(model, calib, Profile.uniform(num_layers, target), pattern)
     half = [8] * (num_layers // 2) + [6] * (num_layers - num_layers // 2)
     row(target, f"uniform (optspa) + KV 8/6 halves (avg {sum(half) / num_layers:g})", None, test_ppl(half), half)
-    prof, info = search(target, "joint", "block")
+    prof, info = search(target, "joint", "block")  # sparsity per block, KV bits per layer
     snapshot.restore()
     prune_optspa(model, calib, prof, pattern)
     ppl = test_ppl(prof.key_bits)
     info["ppl_test"] = round(ppl, 3)
-    row(target, f"TPE joint block + KV (avg {args.kv_avg_bits:g})", prof, ppl, prof.key_bits,
+    row(target, f"TPE joint {grain('block', num_blocks)} + KV per layer (avg {args.kv_avg_bits:g})", prof, ppl,
+        prof.key_bits,
         search_seconds=info["wall_seconds"])
     snapshot.restore()
     save()
@@ -201,11 +210,15 @@ def main() -> int:
     return 0
 
 
+def grain(gran: str, num_blocks: int | None) -> str:
+    return f"block x{num_blocks}" if gran == "block" and num_blocks else gran
+
+
 def compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers) -> dict:
-    """Re-score the first trials of the oneshot block study with sequential (Wanda-style) pruning."""
+    """Re-score the first trials of a oneshot study with sequential (Wanda-style) pruning."""
     from scipy.stats import spearmanr
 
-    cfg = SearchConfig(target=target, kind="sparsity", granularity="block", num_blocks=min(8, num_layers),
+    cfg = SearchConfig(target=target, kind="sparsity", granularity=info["granularity"], num_blocks=info["num_blocks"],
                        trial_mode="sequential", save_dir=None)
     runner = TrialRunner(model, cfg, calib, val_ids, seqlen, args.objective_nsamples, "cpu", False)
     from lib.search import SearchSpace, module_shapes as shapes_of
@@ -254,13 +267,13 @@ def markdown(res: dict) -> str:
     for s in res["search"]:
         err = "" if s["max_sparsity_error"] is None else f"{s['max_sparsity_error']:.5f}"
         kv = "" if s["max_kv_avg"] is None else f"{s['max_kv_avg']:g}"
-        lines.append(f"| {s['search']} {s['granularity']} | {s['target']:.2f} | {s['trials']} | "
+        lines.append(f"| {s['search']} {grain(s['granularity'], s.get('num_blocks'))} | {s['target']:.2f} | {s['trials']} | "
                      f"{s['wasted_fraction']:.0%} | {err} | {kv} | {s['trial_seconds']:.2f} | {s['eval_seconds']:.2f} | "
                      f"{s['trial_over_eval']:.2f}x | {s['best_val_ppl']:.2f} ({s['uniform_val_ppl']:.2f}) |")
     m = res.get("modes")
     if m:
-        mode_target = m.get("target", res["search"][0]["target"])  # older result files lack the key
-        lines += ["", f"Trial modes on the first {len(m['pairs'])} trials of the {mode_target:.0%} block study: oneshot "
+        study = m.get("study", f"{res['search'][0]['target']:.0%} block")  # older result files lack the key
+        lines += ["", f"Trial modes on the first {len(m['pairs'])} trials of the {study} study: oneshot "
                   f"{m['oneshot_trial_seconds']:.2f} s/trial, sequential (Wanda-style recalibration per trial) "
                   f"{m['sequential_trial_seconds']:.2f} s/trial; Spearman rank correlation of their objective "
                   f"values {m['spearman']}."]
@@ -281,6 +294,7 @@ def profiles_markdown(profiles_dir: str, res: dict) -> str:
         meta = prof.get("meta", {})
         kind, gran, target = meta.get("search"), meta.get("granularity"), prof.get("target_sparsity")
         match = [s for s in res["search"] if s["search"] == kind and s["granularity"] == gran
+                 and s.get("num_blocks", meta.get("num_blocks")) == meta.get("num_blocks")
                  and abs(s["target"] - target) < 1e-9 and "ppl_test" in s]
         if not match:
             continue
@@ -292,9 +306,9 @@ def profiles_markdown(profiles_dir: str, res: dict) -> str:
         else:
             base = [r for r in rows if r["target"] == target and r["allocation"] == "uniform (optspa)"]
             what, base_name = kind, "uniform optspa"
-        grain = f"{meta.get('num_blocks')} blocks" if gran == "block" else f"per {gran}"
+        grouping = f"{meta.get('num_blocks')} blocks" if gran == "block" else f"per {gran}"
         b = f"{base[0]['ppl_test']:.2f} ({base_name})" if base else ""
-        lines.append(f"| `{os.path.basename(path)}` | {what} | {target:.0%} | {grain} | {match[0]['ppl_test']:.2f} | {b} |")
+        lines.append(f"| `{os.path.basename(path)}` | {what} | {target:.0%} | {grouping} | {match[0]['ppl_test']:.2f} | {b} |")
     return "\n".join(lines)
 
 
