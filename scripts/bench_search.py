@@ -1,5 +1,5 @@
 """Benchmark the layer-wise allocations on a real model: uniform Wanda, uniform Optspa metric, OWL, TPE search
-(block and layer granularity) and a joint sparsity + KV-bits search; WikiText-2 *test* perplexity of each,
+(block, layer and module granularity) and a joint sparsity + KV-bits search; WikiText-2 *test* perplexity of each,
 search objective on WikiText-2 *validation*. Also: oneshot vs sequential trial cost and rank agreement.
 
     python scripts/bench_search.py --model ../shared/testbed/llama-c4-5m --data_dir ../shared/testbed/data \\
