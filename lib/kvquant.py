@@ -106,6 +106,11 @@ class KVQuantConfig:
         self.key_bits = [int(b) for b in self.key_bits]
         self.value_bits = [int(b) for b in self.value_bits]
 
+    @property
+    def per_channel_keys(self) -> bool:
+        """kivi quantizes keys per channel over token groups; per_token quantizes them like values."""
+        return self.scheme == "kivi"
+
     @classmethod
     def uniform(cls, bits: int, num_layers: int, value_bits: int | None = None, **kwargs) -> KVQuantConfig:
         """Same ``bits`` for every layer (``value_bits`` defaults to ``bits``)."""
@@ -296,11 +301,16 @@ def quantize_token_groups(x: torch.Tensor, bits: int, group_size: int) -> Quanti
     return _quantize_token(x, bits, group_size)[0]
 
 
+def _dequantize_along(chunk: QuantizedChunk, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """codes * scale + zero in float32, groups along ``dim`` (-1: head dimension, -2: tokens)."""
+    ngroups = chunk.scale.shape[dim]
+    codes = chunk.codes.unflatten(dim, (ngroups, -1)).float()
+    out = codes * chunk.scale.float().unsqueeze(dim) + chunk.zero.float().unsqueeze(dim)
+    return out.flatten(dim - 1, dim).to(dtype)
+
+
 def dequantize_token_groups(chunk: QuantizedChunk, dtype: torch.dtype) -> torch.Tensor:
-    ngroups = chunk.scale.shape[-1]
-    codes = chunk.codes.unflatten(-1, (ngroups, -1)).float()
-    out = codes * chunk.scale.float().unsqueeze(-1) + chunk.zero.float().unsqueeze(-1)
-    return out.flatten(-2).to(dtype)
+    return _dequantize_along(chunk, -1, dtype)
 
 
 def quantize_channel_groups(x: torch.Tensor, bits: int, token_group_size: int) -> QuantizedChunk:
@@ -312,10 +322,14 @@ def quantize_channel_groups(x: torch.Tensor, bits: int, token_group_size: int) -
 
 
 def dequantize_channel_groups(chunk: QuantizedChunk, dtype: torch.dtype) -> torch.Tensor:
-    ngroups = chunk.scale.shape[-2]
-    codes = chunk.codes.unflatten(-2, (ngroups, -1)).float()
-    out = codes * chunk.scale.float().unsqueeze(-2) + chunk.zero.float().unsqueeze(-2)
-    return out.flatten(-3, -2).to(dtype)
+    return _dequantize_along(chunk, -2, dtype)
+
+
+def _quantize_rows(x: torch.Tensor, bits: int, per_channel: bool, config: KVQuantConfig) -> tuple[QuantizedChunk, torch.Tensor]:
+    """The one quantizer of a K or V stream (simulation and real cache both call it, so they agree bitwise)."""
+    if per_channel:
+        return _quantize_channel(x, bits, config.token_group_size)
+    return _quantize_token(x, bits, config.group_size)
 
 
 def fake_quantize_stream(
@@ -330,10 +344,7 @@ def fake_quantize_stream(
     if nq == 0:
         return x
     head = x if nq == t else x[..., :nq, :]
-    if per_channel:
-        deq = _quantize_channel(head, bits, config.token_group_size)[1].to(x.dtype)
-    else:
-        deq = _quantize_token(head, bits, config.group_size)[1].to(x.dtype)
+    deq = _quantize_rows(head, bits, per_channel, config)[1].to(x.dtype)
     if nq == t:
         return deq
     return torch.cat([deq, x[..., nq:, :]], dim=-2)
@@ -347,9 +358,8 @@ def fake_quantize_kv(
     config: KVQuantConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize-dequantize one layer's ``[B, H, T, D]`` K/V exactly as ``PackedQuantizedCache`` holding T tokens."""
-    per_channel_keys = config.scheme == "kivi"
     return (
-        fake_quantize_stream(keys, key_bits, per_channel_keys, config),
+        fake_quantize_stream(keys, key_bits, config.per_channel_keys, config),
         fake_quantize_stream(values, value_bits, False, config),
     )
 
@@ -430,12 +440,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 # Model helpers
 # --------------------------------------------------------------------------------------------------------------
 def kv_dims(model: nn.Module) -> tuple[int, int, int]:
-    """(num decoder layers, num KV heads, head_dim) from the model's text config."""
+    """(num decoder layers, num KV heads, head_dim): the layers the hooks and caches see, heads from the text config."""
     cfg = text_config(model)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
+    return len(decoder_layers(model)), kv_heads, head_dim
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -530,6 +540,7 @@ class _PackedStream:
     def __init__(self, bits: int, per_channel: bool, config: KVQuantConfig, keep_dequantized: bool):
         self.bits = bits
         self.per_channel = per_channel
+        self.config = config
         self.group_size = config.group_size
         self.token_group_size = config.token_group_size
         self.residual = config.residual
@@ -554,9 +565,7 @@ class _PackedStream:
         return num_quantized_tokens(self.length, self.residual, g)
 
     def _quantize(self, x: torch.Tensor) -> tuple[QuantizedChunk, torch.Tensor]:
-        if self.per_channel:
-            return _quantize_channel(x, self.bits, self.token_group_size)
-        return _quantize_token(x, self.bits, self.group_size)
+        return _quantize_rows(x, self.bits, self.per_channel, self.config)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
         if self.per_channel:  # one packed row per token group, so a group is one contiguous run of bytes
@@ -599,9 +608,7 @@ class _PackedStream:
     def dequantize_stored(self, dtype: torch.dtype) -> torch.Tensor:
         """Dequantize the packed part from storage (unpack + scale/zero)."""
         chunk = QuantizedChunk(self.unpacked_codes(), self.scale, self.zero)
-        if self.per_channel:
-            return dequantize_channel_groups(chunk, dtype)
-        return dequantize_token_groups(chunk, dtype)
+        return _dequantize_along(chunk, -2 if self.per_channel else -1, dtype)
 
     def _ensure_capacity(self, like: torch.Tensor) -> None:
         if self.buf is not None and self.buf.shape[-2] >= self.length:
@@ -686,7 +693,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     ) -> None:
         super().__init__()
         self.key_bits, self.value_bits = key_bits, value_bits
-        self.key_stream = _PackedStream(key_bits, config.scheme == "kivi", config, keep_dequantized)
+        self.key_stream = _PackedStream(key_bits, config.per_channel_keys, config, keep_dequantized)
         self.value_stream = _PackedStream(value_bits, False, config, keep_dequantized)
 
     def __repr__(self) -> str:
@@ -812,7 +819,7 @@ def kv_bytes_per_token(config: KVQuantConfig, num_kv_heads: int, head_dim: int, 
     ``dtype_bytes`` is the size of an unquantized element (16-bit layers)."""
     total = 0.0
     for kb, vb in zip(config.key_bits, config.value_bits, strict=True):
-        for bits, per_channel in ((kb, config.scheme == "kivi"), (vb, False)):
+        for bits, per_channel in ((kb, config.per_channel_keys), (vb, False)):
             if bits >= OFF_BITS:
                 total += head_dim * dtype_bytes
             elif per_channel:  # a scale+zero pair per channel per token group
