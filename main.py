@@ -207,33 +207,36 @@ def validate_search(args, pattern) -> None:
             raise UsageError("--owl_lambda must be in [0, 0.5) and --owl_m positive")
 
 
-def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload):
-    """Per-layer sparsity from OWL or the TPE search; returns (profile, calibration windows, search result)."""
-    from lib import data, models
-    from lib.owl import outlier_ratios, owl_allocation
-    from lib.search import SearchError, dense_input_stats, module_shapes, realized_profile, run_search
+def load_calibration(args, tokenizer, seqlen: int):
+    """The calibration windows, with Wanda's log lines (drawn once per run: search, OWL and pruning share them)."""
+    from lib import data
 
     logger.info("loading calibdation data (%s, %d samples of %d tokens)", args.calib_dataset, args.nsamples, seqlen)
     calib = data.get_calibration(args.calib_dataset, tokenizer, args.nsamples, args.seed, seqlen, args.data_dir)
+    logger.info("dataset loading complete")
+    return calib
+
+
+def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload):
+    """Per-layer sparsity from OWL or the TPE search; returns (profile, calibration windows, search result)."""
+    from lib import data, models
+    from lib.owl import owl_profile
+    from lib.search import dense_input_stats, run_search
+
+    calib = load_calibration(args, tokenizer, seqlen)
     num_layers = len(models.decoder_layers(model))
     if args.layer_allocation == "owl":
         stats = dense_input_stats(model, calib, device, offload)
-        ratios = owl_allocation(outlier_ratios(model, stats, args.owl_m), args.sparsity_ratio, args.owl_lambda)
-        profile = realized_profile(model, {u: ratios[u[0]] for u in module_shapes(model)}, args.sparsity_ratio,
-                                   sparsity_type=str(pattern))
-        profile.meta.update({"allocation": "owl", "owl_lambda": args.owl_lambda, "owl_m": args.owl_m})
-        logger.info("OWL per-layer sparsity %s", " ".join(f"{r:.3f}" for r in ratios))
+        profile = owl_profile(model, stats, args.sparsity_ratio, args.owl_lambda, args.owl_m,
+                              sparsity_type=str(pattern))
         return profile, calib, None
     cfg = search_config(args, args.sparsity_ratio)
     if args.num_blocks is None:
         cfg.num_blocks = min(cfg.num_blocks, num_layers)
     ids = data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
-    try:
-        result = run_search(model, cfg, calib=calib, objective_ids=ids, seqlen=seqlen,
-                            objective_nsamples=args.objective_nsamples, device=device, offload=offload,
-                            model_name=args.model, kv_kwargs=kv_kwargs(args))
-    except SearchError as exc:
-        raise UsageError(str(exc)) from exc
+    result = run_search(model, cfg, calib=calib, objective_ids=ids, seqlen=seqlen,
+                        objective_nsamples=args.objective_nsamples, device=device, offload=offload,
+                        model_name=args.model, kv_kwargs=kv_kwargs(args))
     result.profile.sparsity_type = str(pattern)
     return result.profile, calib, result
 
@@ -242,18 +245,15 @@ def search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload)
     """KV bits per layer searched on the model as it is now (pruned or dense); returns (profile, result)."""
     from lib import data, models
     from lib.profile import Profile
-    from lib.search import SearchError, run_search
+    from lib.search import run_search
 
     num_layers = len(models.decoder_layers(model))
     base = profile or Profile.uniform(num_layers, 0.0, sparsity_type=str(pattern))
     cfg = search_config(args, args.sparsity_ratio or 0.0)
     ids = data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
-    try:
-        result = run_search(model, cfg, calib=None, objective_ids=ids, seqlen=seqlen,
-                            objective_nsamples=args.objective_nsamples, device=device, offload=offload,
-                            model_name=args.model, base_profile=base, kv_kwargs=kv_kwargs(args))
-    except SearchError as exc:
-        raise UsageError(str(exc)) from exc
+    result = run_search(model, cfg, calib=None, objective_ids=ids, seqlen=seqlen,
+                        objective_nsamples=args.objective_nsamples, device=device, offload=offload,
+                        model_name=args.model, base_profile=base, kv_kwargs=kv_kwargs(args))
     result.profile.method = args.prune_method
     return result.profile, result
 
@@ -266,21 +266,14 @@ def kv_kwargs(args) -> dict:
 
 def check_kv_settings(args, model) -> None:
     """Fail before any search or pruning when the KV flags cannot fit the model (bits, layer count, groups)."""
-    from lib.kvquant import KVQuantConfig, kv_dims
-
-    if args.kv_bits is None and args.kv_profile is None and args.search not in ("kv", "joint"):
-        return
-    num_layers, _, head_dim = kv_dims(model)
-    try:
-        cfg = KVQuantConfig.from_cli(num_layers, kv_bits=args.kv_bits, kv_profile=args.kv_profile, **kv_kwargs(args))
-        (cfg or KVQuantConfig.uniform(8, num_layers, **kv_kwargs(args))).validate(num_layers, head_dim)
-    except ValueError as exc:
-        raise UsageError(f"KV quantization: {exc}") from exc
+    if args.kv_bits is not None or args.kv_profile is not None or args.search in ("kv", "joint"):
+        kv_config(args, model, None, searched=args.search in ("kv", "joint"))
 
 
-def kv_config(args, model, profile):
+def kv_config(args, model, profile, searched: bool = False):
     """The KV quantization to simulate: --kv_bits or --kv_profile, else the bits a profile carries (search or
-    --sparsity_profile); None when off. Records the bits in ``profile`` so the saved profile has them."""
+    --sparsity_profile); None when off. Records the bits in ``profile`` so the saved profile has them.
+    ``searched``: also check the --kv_* settings against the model when the bits are still to be searched."""
     from lib.kvquant import KVQuantConfig, kv_dims
 
     num_layers, _, head_dim = kv_dims(model)
@@ -291,6 +284,8 @@ def kv_config(args, model, profile):
             cfg = KVQuantConfig.from_profile(profile, num_layers, **kw)
         if cfg is not None:
             cfg.validate(num_layers, head_dim)
+        elif searched:
+            KVQuantConfig.uniform(8, num_layers, **kw).validate(num_layers, head_dim)
     except ValueError as exc:
         raise UsageError(f"KV quantization: {exc}") from exc
     if cfg is not None and profile is not None:
@@ -376,12 +371,8 @@ def run(args) -> int:
         if method == "magnitude":
             result = prune_magnitude(model, profile, pattern, device, offload)
         else:
-            logger.info("loading calibdation data (%s, %d samples of %d tokens)", args.calib_dataset,
-                        args.nsamples, seqlen)
             if calib is None:  # the search or OWL may have drawn it already
-                calib = data.get_calibration(args.calib_dataset, tokenizer, args.nsamples, args.seed, seqlen,
-                                             args.data_dir)
-            logger.info("dataset loading complete")
+                calib = load_calibration(args, tokenizer, seqlen)
             if method == "wanda":
                 result = prune_wanda(model, calib, profile, pattern, device, offload, use_variant=args.use_variant)
             elif method == "optspa":

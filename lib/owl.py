@@ -60,3 +60,15 @@ def owl_allocation(outlier: list[float], target: float, lam: float = DEFAULT_LAM
     if clipped != ratios:
         logger.warning("OWL ratios clipped into [0, 1); lower --owl_lambda")
     return clipped
+
+
+def owl_profile(model: nn.Module, act_sq_mean: dict[tuple[int, str], torch.Tensor], target: float,
+                lam: float = DEFAULT_LAMBDA, m: float = DEFAULT_M, **profile_kw):
+    """The OWL allocation as a profile whose pruned counts hit ``target`` exactly (as the search's do)."""
+    from .search import module_shapes, realized_profile
+
+    ratios = owl_allocation(outlier_ratios(model, act_sq_mean, m), target, lam)
+    logger.info("OWL per-layer sparsity %s", " ".join(f"{r:.3f}" for r in ratios))
+    profile = realized_profile(model, {u: ratios[u[0]] for u in module_shapes(model)}, target, **profile_kw)
+    profile.meta.update({"allocation": "owl", "owl_lambda": lam, "owl_m": m})
+    return profile

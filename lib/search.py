@@ -246,21 +246,28 @@ class SearchSpace:
                 level[i] += 1
         return [self.kv_choices[lv] for lv in level]
 
-    def suggest(self, trial) -> Allocation:
-        alloc = Allocation()
-        if self.cfg.searches_sparsity:
-            raw = [trial.suggest_int(f"s_{name}", self.k_lo, self.k_hi) for name in self.names]
-            alloc.group_ratio, offsets = self.sparsity_from_offsets(raw)
-            trial.set_user_attr("offsets", offsets)
+    def allocation(self, offsets: list[int] | None, kv_bits: list[int] | None = None) -> Allocation:
+        """The feasible allocation of grid offsets per group (raw or already repaired: repair is idempotent)."""
+        alloc = Allocation(kv_bits=kv_bits)
+        if offsets is not None:
+            alloc.group_ratio, _ = self.sparsity_from_offsets(offsets)
         else:
             alloc.group_ratio = [self.cfg.target] * len(self.groups)
         for g, members in enumerate(self.groups):
             for u in members:
                 alloc.unit_ratio[u] = alloc.group_ratio[g]
+        return alloc
+
+    def suggest(self, trial) -> Allocation:
+        offsets = kv_bits = None
+        if self.cfg.searches_sparsity:
+            raw = [trial.suggest_int(f"s_{name}", self.k_lo, self.k_hi) for name in self.names]
+            offsets = self.repair_offsets(raw)[0]
+            trial.set_user_attr("offsets", offsets)
         if self.cfg.searches_kv:
             prio = [trial.suggest_float(f"kv_{i}", 0.0, 1.0) for i in range(self.num_layers)]
-            alloc.kv_bits = self.kv_from_priorities(prio)
-        return alloc
+            kv_bits = self.kv_from_priorities(prio)
+        return self.allocation(offsets, kv_bits)
 
     def uniform_params(self) -> dict[str, Any]:
         """Raw parameters of the uniform allocation (enqueued as trial 0, so the search never ends worse)."""
@@ -370,7 +377,11 @@ def dense_input_stats(model: nn.Module, calib: list[torch.Tensor], device: str |
 
 
 class OneShotPruner:
-    """Optspa scores from dense activations, computed once; each call zeroes the lowest ``k`` per row."""
+    """Optspa scores from dense activations, computed once; each call leaves the lowest ``k`` per row zeroed.
+
+    Trials change only the difference from the previous trial (zero more of the order, or put dense values
+    back), so a trial moves a few columns per row instead of copying the whole model from the snapshot; the
+    weights come out identical to restoring and pruning from scratch."""
 
     def __init__(self, snapshot: DenseSnapshot, stats: dict[Unit, torch.Tensor]):
         self.snapshot = snapshot
@@ -380,15 +391,27 @@ class OneShotPruner:
             idx = torch.sort(score, dim=1, stable=True).indices  # the order prune_mask uses
             # int16 halves the memory of the order on LLaMA-size matrices (cols < 32768).
             self.order[u] = idx.to(torch.int16 if w.shape[1] < 32768 else torch.int32)
+        self.pruned: dict[Unit, int] | None = None  # columns per row zeroed now; None: weights unknown
+
+    def forget(self) -> None:
+        """The weights were changed elsewhere (restored, re-pruned): the next apply starts from the snapshot."""
+        self.pruned = None
 
     @torch.no_grad()
     def apply(self, ratios: dict[Unit, float]) -> None:
-        self.snapshot.restore()
+        if self.pruned is None:
+            self.snapshot.restore()
+            self.pruned = {u: 0 for u in self.snapshot.modules}
         for u, mod in self.snapshot.modules.items():
-            k = int(mod.weight.shape[1] * ratios[u])
-            if k:
-                idx = self.order[u][:, :k].to(mod.weight.device).long()
-                mod.weight.data.scatter_(1, idx, 0)
+            k, was = int(mod.weight.shape[1] * ratios[u]), self.pruned[u]
+            if k > was:
+                idx = self.order[u][:, was:k].long()
+                mod.weight.data.scatter_(1, idx.to(mod.weight.device), 0)
+            elif k < was:
+                idx = self.order[u][:, k:was].long()
+                dense = self.snapshot.weights[u].gather(1, idx)
+                mod.weight.data.scatter_(1, idx.to(mod.weight.device), dense.to(mod.weight.device))
+            self.pruned[u] = k
 
 
 # ----------------------------------------------------------------------------------------- objective
@@ -508,7 +531,6 @@ class SearchResult:
     best_value: float
     trials: list[dict[str, Any]]
     seconds: float
-    eval_seconds: float  # one objective evaluation of the dense model
     wasted_fraction: float
     files: dict[str, str] = field(default_factory=dict)
 
@@ -538,11 +560,7 @@ class TrialRunner:
                 logger.info("oneshot scores from dense activations in %.1f s", time.perf_counter() - t0)
         self.objective = Objective(model, objective_ids, seqlen, objective_nsamples, device, offload,
                                    cfg.objective, cfg.batch_size)
-        t0 = time.perf_counter()
-        self.dense_value = self.objective()
-        self.eval_seconds = time.perf_counter() - t0
-        logger.info("objective (%s on %d windows) of the unsearched model %.4f in %.2f s", cfg.objective,
-                    self.objective.nwin, self.dense_value, self.eval_seconds)
+        logger.info("objective: %s on %d windows of %d tokens", cfg.objective, self.objective.nwin, seqlen)
 
     def kv_config(self, bits: list[int] | None):
         if bits is None:
@@ -578,6 +596,8 @@ class TrialRunner:
     def restore(self) -> None:
         if self.snapshot is not None:
             self.snapshot.restore()
+        if self.oneshot is not None:
+            self.oneshot.forget()
 
 
 def _trial_row(space: SearchSpace, t) -> dict[str, Any]:
@@ -735,7 +755,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                          "mean_trial_seconds": sum(per_trial) / len(per_trial) if per_trial else None})
     result = SearchResult(profile=profile, study_name=name, storage=url, best_value=best.value, trials=rows,
                           seconds=time.perf_counter() - start,
-                          eval_seconds=runner.eval_seconds if runner else float("nan"), wasted_fraction=wasted)
+                          wasted_fraction=wasted)
     if cfg.save_dir:
         os.makedirs(cfg.save_dir, exist_ok=True)
         result.files["trials"] = os.path.join(cfg.save_dir, f"trials_{cfg.kind}_s{cfg.target:.2f}.csv")

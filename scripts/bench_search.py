@@ -28,11 +28,11 @@ from lib.eval import eval_ppl  # noqa: E402
 from lib.io import write_json, write_text  # noqa: E402
 from lib.kvquant import KVQuantConfig, kv_dims, simulate_kv_quant  # noqa: E402
 from lib.models import decoder_layers, load_model  # noqa: E402
-from lib.owl import DEFAULT_LAMBDA, DEFAULT_M, outlier_ratios, owl_allocation  # noqa: E402
+from lib.owl import DEFAULT_LAMBDA, DEFAULT_M, owl_profile  # noqa: E402
 from lib.profile import Profile  # noqa: E402
 from lib.prune import check_sparsity, prune_optspa, prune_wanda  # noqa: E402
-from lib.search import (Allocation, DenseSnapshot, SearchConfig, TrialRunner, dense_input_stats,  # noqa: E402
-                        module_shapes, realized_profile, run_search)
+from lib.search import (DenseSnapshot, SearchConfig, SearchSpace, TrialRunner, dense_input_stats,  # noqa: E402
+                        module_shapes, run_search)
 from lib.profile import profile_filename  # noqa: E402
 from lib.sparsity import SparsityType  # noqa: E402
 
@@ -70,19 +70,14 @@ def main() -> int:
     if args.table_only:
         import json
 
-        res = json.load(open(args.out, encoding="utf-8"))
-        table = markdown(res)
-        print(table)
-        if args.readme:
-            replace_section(args.readme, table)
-        if args.profiles_dir:
-            write_profiles_table(args.profiles_dir, res)
+        publish(json.load(open(args.out, encoding="utf-8")), args)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "lib.eval", "lib.kvquant"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_search_")
     os.makedirs(work, exist_ok=True)
 
@@ -144,7 +139,7 @@ def main() -> int:
                 "max_sparsity_error": max(abs(t["realized_sparsity"] - target) for t in done)
                 if kind != "kv" else None,
                 "max_kv_avg": max(t["kv_avg_bits"] for t in done) if kind != "sparsity" else None,
-                "study": r.study_name, "dir": cfg.save_dir, "trials_values": [t["value"] for t in done]}
+                "study": r.study_name, "storage": r.storage, "dir": cfg.save_dir, "trials_values": [t["value"] for t in done]}
         res["search"].append(info)
         r.profile.model = "llama-c4-5m (testbed)"
         if args.profiles_dir:
@@ -166,9 +161,7 @@ def main() -> int:
         uniform_ppl = test_ppl()
         row(target, "uniform (optspa)", uniform, uniform_ppl)
         snapshot.restore()
-        owl = owl_allocation(outlier_ratios(model, dense_stats, DEFAULT_M), target, DEFAULT_LAMBDA)
-        shapes = module_shapes(model)
-        owl_prof = realized_profile(model, {u: owl[u[0]] for u in shapes}, target)
+        owl_prof = owl_profile(model, dense_stats, target, DEFAULT_LAMBDA, DEFAULT_M)
         prune_optspa(model, calib, owl_prof, pattern)
         row(target, f"OWL (optspa, lambda {DEFAULT_LAMBDA}, M {DEFAULT_M:g})", owl_prof, test_ppl())
         for gran in args.granularities:
@@ -201,13 +194,18 @@ def main() -> int:
         search_seconds=info["wall_seconds"])
     snapshot.restore()
     save()
+    publish(res, args)
+    return 0
+
+
+def publish(res: dict, args) -> None:
+    """Print the tables; write them into --readme and --profiles_dir/README.md when given."""
     table = markdown(res)
     print(table)
     if args.readme:
         replace_section(args.readme, table)
     if args.profiles_dir:
         write_profiles_table(args.profiles_dir, res)
-    return 0
 
 
 def grain(gran: str, num_blocks: int | None) -> str:
@@ -216,30 +214,20 @@ def grain(gran: str, num_blocks: int | None) -> str:
 
 def compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers) -> dict:
     """Re-score the first trials of a oneshot study with sequential (Wanda-style) pruning."""
+    import optuna
     from scipy.stats import spearmanr
 
     cfg = SearchConfig(target=target, kind="sparsity", granularity=info["granularity"], num_blocks=info["num_blocks"],
                        trial_mode="sequential", save_dir=None)
     runner = TrialRunner(model, cfg, calib, val_ids, seqlen, args.objective_nsamples, "cpu", False)
-    from lib.search import SearchSpace, module_shapes as shapes_of
-
-    space = SearchSpace(cfg, shapes_of(model), num_layers)
-    import optuna
-
-    study = optuna.load_study(study_name=info["study"],
-                              storage="sqlite:///" + os.path.abspath(os.path.join(info["dir"], "search.db")))
-    trials = study.trials
+    space = SearchSpace(cfg, module_shapes(model), num_layers)
+    study = optuna.load_study(study_name=info["study"], storage=info["storage"])
     pairs = []
-    for t in [t for t in trials if t.state.name == "COMPLETE"][: args.seq_compare]:
-        ratios = {}
-        offsets = t.user_attrs["offsets"]
-        group_ratio = [target + o * cfg.sparsity_step for o in offsets]
-        for g, members in enumerate(space.groups):
-            for u in members:
-                ratios[u] = group_ratio[g]
-        value, _, times = runner.evaluate(Allocation(unit_ratio=ratios, group_ratio=group_ratio))
+    for t in [t for t in study.trials if t.state.name == "COMPLETE"][: args.seq_compare]:
+        value, _, times = runner.evaluate(space.allocation(t.user_attrs["offsets"]))
         pairs.append({"trial": t.number, "oneshot": t.value, "sequential": value,
-                      "oneshot_seconds": t.user_attrs["trial_seconds"], "sequential_seconds": times["trial_seconds"]})
+                      "oneshot_seconds": t.user_attrs["trial_seconds"], "sequential_seconds": times["trial_seconds"],
+                      "sequential_eval_seconds": times["eval_seconds"]})
         logger.info("trial %d: oneshot %.3f sequential %.3f (%.1f s)", t.number, t.value, value,
                     times["trial_seconds"])
     runner.restore()
@@ -247,7 +235,7 @@ def compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers)
     return {"target": target, "pairs": pairs, "spearman": None if rho is None else round(float(rho), 3),
             "oneshot_trial_seconds": round(sum(p["oneshot_seconds"] for p in pairs) / max(len(pairs), 1), 3),
             "sequential_trial_seconds": round(sum(p["sequential_seconds"] for p in pairs) / max(len(pairs), 1), 3),
-            "eval_seconds": round(runner.eval_seconds, 3)}
+            "eval_seconds": round(sum(p["sequential_eval_seconds"] for p in pairs) / max(len(pairs), 1), 3)}
 
 
 def markdown(res: dict) -> str:

@@ -100,6 +100,28 @@ def test_oneshot_thresholding_matches_the_optspa_pruner_on_layer_0(tiny_llama):
             assert torch.equal(oneshot[u], m.weight.data == 0)
 
 
+def test_oneshot_trials_in_sequence_equal_pruning_from_the_dense_snapshot(tiny_llama):
+    """Trials only move the difference from the previous one; the weights must be exactly those of restoring the
+    dense snapshot and pruning from scratch, whatever the sequence of ratios (up, down, zero, unchanged)."""
+    lm = load_model(tiny_llama, dtype="float32")
+    calib = [torch.randint(5, len(lm.tokenizer), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    snap = DenseSnapshot(lm.model)
+    pruner = OneShotPruner(snap, dense_input_stats(lm.model, calib, "cpu"))
+    rng = random.Random(0)
+    for step in range(6):
+        ratios = {u: rng.choice([0.0, 0.3, 0.45, 0.5, 0.55, 0.7]) for u in snap.modules}
+        pruner.apply(ratios)
+        incremental = {u: m.weight.data.clone() for u, m in snap.modules.items()}
+        pruner.forget()
+        pruner.apply(ratios)  # from the snapshot
+        for u, m in snap.modules.items():
+            assert torch.equal(incremental[u], m.weight.data), (step, u)
+            assert int((m.weight.data == 0).sum()) >= m.weight.shape[0] * int(m.weight.shape[1] * ratios[u])
+    snap.restore()
+    pruner.forget()
+    assert check_sparsity(lm.model)[0] < 0.01
+
+
 # ------------------------------------------------------------------------------------ library: seeds, resume
 def _lib_search(model_dir, data_dir, save, objective_nsamples=2, **kw):
     lm = load_model(model_dir, dtype="float32")
