@@ -16,7 +16,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from lib import kvquant
+from lib import kvcache
 from lib.models import decoder_layers
 from lib.profile import Profile
 from lib.kvquant import (
@@ -191,7 +191,7 @@ def test_token_rule() -> None:
 @pytest.mark.parametrize("residual", [0, 5])
 @pytest.mark.parametrize("keep_dequantized", [True, False])
 def test_real_cache_matches_simulation(scheme: str, residual: int, keep_dequantized: bool, monkeypatch) -> None:
-    monkeypatch.setattr(kvquant, "_SEGMENT_ROWS", 4)  # exercise multi-segment storage on short sequences
+    monkeypatch.setattr(kvcache, "_SEGMENT_ROWS", 4)  # exercise multi-segment storage on short sequences
     cfg = KVQuantConfig(key_bits=[4, 6, 16], value_bits=[3, 8, 2], group_size=8, token_group_size=8,
                         residual=residual, scheme=scheme)
     cfg.validate(3, 16)
