@@ -85,6 +85,9 @@ class SparseGPT:
             W[:, i1:i2] = Q1
             mask[:, i1:i2] = mask1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        # Dead inputs (never active in calibration) were zeroed above whatever the saliency chose, so the mask
+        # records them too: the saved mask and the pruned model must agree.
+        mask[:, dead] = True
         self.layer.weight.data = W.to(self.layer.weight.dtype)
         return mask
 

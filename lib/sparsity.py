@@ -56,7 +56,8 @@ def prune_mask(score: torch.Tensor, ratio: float, pattern: SparsityType, scope: 
         if cols % pattern.m:
             raise ValueError(f"{pattern} sparsity needs the input dimension ({cols}) to be a multiple of {pattern.m}")
         groups = score.reshape(rows, cols // pattern.m, pattern.m)
-        idx = torch.topk(groups, pattern.n, dim=-1, largest=False).indices
+        # A stable sort, not topk: topk returns tied entries in no promised order.
+        idx = torch.sort(groups, dim=-1, stable=True).indices[..., : pattern.n]
         return mask.reshape(rows, cols // pattern.m, pattern.m).scatter_(-1, idx, True).reshape(rows, cols)
     if scope == "row":
         k = int(cols * ratio)
