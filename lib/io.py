@@ -64,16 +64,24 @@ def write_dir(path: str, fill: Callable[[str], None]) -> None:
 
 
 def check_writable_dir(path: str) -> str | None:
-    """None if ``path`` exists as a writable folder or could be created; otherwise why not (one line).
-    Creates nothing, so a run that fails later on bad input leaves no empty folder behind."""
+    """None if ``path`` is a folder a file can be created in, or could be created; otherwise why not (one line).
+
+    Probes by really creating (and removing) a file in ``path``, or in its nearest existing parent when it
+    does not exist yet: ``os.access`` says yes to root everywhere, even on read-only mounts and in /proc.
+    Leaves no folder behind, so a run that fails later on bad input has written nothing."""
     path = os.path.abspath(path)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            return f"{path} exists and is not a directory"
-        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} exists and is not a directory"
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{parent} is not a directory"
-    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot create {path}: {parent} is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".optspa-probe.", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        where = path if parent == path else f"cannot create {path}: {parent}"
+        return f"{where} is not writable ({exc.strerror or type(exc).__name__})"
+    return None

@@ -14,10 +14,13 @@ One versioned JSON format serves pruning, search and reload:
 
 The original Optspa tool's files also load: block keys ``{"0": 0.475, "1": 0.5, ...}`` (contiguous blocks
 of layers, ``num_blocks`` of them, remainder to the first blocks) and fine keys
-``{"0-self_attn.q_proj": 0.5, ...}`` (layer-module).
+``{"0-self_attn.q_proj": 0.5, ...}`` (layer-module), as JSON or, for fine profiles, as the Python dict
+literal the original tool wrote (``{'0-self_attn.q_proj': 0.47500000000000003}``, read with
+``ast.literal_eval``, never ``eval``).
 """
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +126,7 @@ class Profile:
         """The original tool's flat files: block keys or layer-module keys."""
         if num_layers is None:
             raise ProfileError("reading an original-format profile needs the model's layer count")
-        if not data or not all(isinstance(v, (int, float)) for v in data.values()):
+        if not data or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values()):
             raise ProfileError("profile is neither an optspa-profile nor an original {key: ratio} file")
         if all("-" in k for k in data):
             module_sparsity: dict[int, dict[str, float]] = {}
@@ -161,19 +164,39 @@ def profile_filename(method: str, sparsity_type: str, target: float | None, kv_a
     return name + ".json"
 
 
+def _parse_text(path: str, text: str) -> Any:
+    """JSON, or the Python dict literal the original tool wrote for fine profiles (single quotes, float reprs
+    such as ``0.47500000000000003``), read by a literal parser: nothing in the file is ever executed."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        json_error = exc
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ProfileError(f"profile {path} is not valid JSON (nor a Python dict literal): {json_error.msg} at "
+                           f"line {json_error.lineno}") from None
+
+
 def load_profile(path: str, num_layers: int | None = None, num_blocks: int | None = None) -> Profile:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"profile {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"profile {path} is not a text file ({exc.reason})") from exc
+    data = _parse_text(path, text)
     if not isinstance(data, dict):
-        raise ProfileError(f"profile {path} is not a JSON object")
+        raise ProfileError(f"profile {path} is not a JSON object (or dict literal)")
+    if data.get("format") != FORMAT:
+        # Original files: keys are block numbers or LAYER-MODULE strings; a literal may spell block numbers as ints.
+        if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in data):
+            raise ProfileError(f"profile {path} has keys that are neither block numbers nor LAYER-MODULE")
+        data = {str(k): v for k, v in data.items()}
     try:
         return Profile.from_dict(data, num_layers, num_blocks)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, ProfileError):
             raise
         raise ProfileError(f"profile {path} is malformed: {exc}") from exc
