@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .layerwise import capture_layer_inputs, run_layer
 from .models import decoder, decoder_layers
+from .offload import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,8 @@ def eval_ppl(
 def _nll_layerwise(model: nn.Module, batches: list[torch.Tensor], device, desc: str) -> torch.Tensor:
     inputs = capture_layer_inputs(model, batches, device, store_device="cpu")
     for layer in tqdm(decoder_layers(model), desc=f"{desc} (layers)", leave=False):
-        layer.to(device)
-        inputs.hidden = run_layer(layer, inputs, device)
-        layer.to("cpu")
+        with on_device(layer, device):
+            inputs.hidden = run_layer(layer, inputs, device)
     norm, head = decoder(model).norm, model.get_output_embeddings()
     total = torch.zeros((), dtype=torch.float64)
     for h, ids in zip(inputs.hidden, batches):

@@ -36,6 +36,9 @@ class LoadedModel:
     tokenizer: Any
     name: str
     multimodal: bool
+    # An original LLaVA checkpoint (liuhaotian/*): its layout (lib/llava_original.py); ``model`` is then its
+    # language model only, and ``multimodal`` is False until lib.llava_original.build_multimodal wraps it.
+    original_llava: Any = None
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -84,19 +87,9 @@ def model_class_for(config) -> tuple[type, bool]:
     import transformers
 
     archs = set(getattr(config, "architectures", None) or [])
-    if archs & ORIGINAL_LLAVA_ARCHS:
-        try:
-            from llava.model import LlavaLlamaForCausalLM  # type: ignore  # noqa: F401
-        except ImportError as exc:
-            raise ModelLoadError(
-                "this is an original LLaVA checkpoint (liuhaotian/*): install the LLaVA package "
-                "(pip install git+https://github.com/haotian-liu/LLaVA) or use the llava-hf/* conversion, "
-                "e.g. llava-hf/llava-1.5-7b-hf"
-            ) from exc
-        import llava.model as llava_model  # type: ignore
-
-        arch = sorted(archs & ORIGINAL_LLAVA_ARCHS)[0]
-        return getattr(llava_model, arch), True
+    if archs & ORIGINAL_LLAVA_ARCHS:  # no transformers class: load_model reads them via lib/llava_original.py
+        raise ModelLoadError(f"{sorted(archs & ORIGINAL_LLAVA_ARCHS)[0]} is an original LLaVA checkpoint: load it "
+                             "with load_model (lib/llava_original.py), not a transformers class")
     if config.model_type == "llava":
         return transformers.LlavaForConditionalGeneration, True
     if config.model_type == "llava_next":
@@ -110,6 +103,11 @@ def load_model(name: str, *, cache_dir: str | None = None, dtype: str = "auto", 
     Keeping the weights on the CPU and moving one decoder layer at a time is what lets a 13B model prune on a
     24 GB GPU; :func:`place_model` moves the whole model when it fits.
     """
+    from . import llava_original
+
+    raw = llava_original.read_raw_config(name, cache_dir)
+    if llava_original.is_original_llava(raw):
+        return _load_original_llava(name, raw, cache_dir, resolve_dtype(dtype, device))
     config = _load_config(name, cache_dir)
     cls, multimodal = model_class_for(config)
     torch_dtype = resolve_dtype(dtype, device)
@@ -125,6 +123,29 @@ def load_model(name: str, *, cache_dir: str | None = None, dtype: str = "auto", 
     text_cfg = text_config(model)
     text_cfg.use_cache = False
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, multimodal=multimodal)
+
+
+def _load_original_llava(name: str, raw: dict, cache_dir: str | None, torch_dtype: torch.dtype) -> LoadedModel:
+    """An original LLaVA checkpoint's language model, loaded as it is stored (no LLaVA package, no vision
+    tower download); lib.llava_original.build_multimodal adds the vision side when images are needed."""
+    from . import llava_original
+
+    try:
+        info = llava_original.describe(name, raw, cache_dir)
+        tokenizer = load_tokenizer(info.folder)
+        model = llava_original.load_language_model(info, torch_dtype)
+    except llava_original.OriginalLlavaError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load original LLaVA checkpoint '{name}': {first}") from exc
+    logger.info("original LLaVA checkpoint (%s): language model loaded from it as is; vision tower %s is loaded "
+                "only for image work", info.arch, info.vision_tower)
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, multimodal=False, original_llava=info)
 
 
 def text_config(model: nn.Module):
@@ -186,16 +207,45 @@ def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def should_offload(model: nn.Module, device: str, mode: str = "auto") -> bool:
-    """Whether weights stay on the CPU with one decoder layer on ``device`` at a time."""
+class DeviceMemoryError(RuntimeError):
+    """Even one decoder layer and the calibration buffers do not fit on the device; one line for the user."""
+
+
+def calib_buffer_bytes(nsamples: int, seqlen: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Device memory of the layer-by-layer calibration buffers: one layer's inputs and outputs for every
+    window (``2 x nsamples x seqlen x hidden x dtype bytes``; 2 x 4.3 GB for a 7B model at 128 x 4096)."""
+    return 2 * nsamples * seqlen * hidden_size * torch.empty((), dtype=dtype).element_size()
+
+
+def should_offload(model: nn.Module, device: str, mode: str = "auto", buffer_bytes: int = 0,
+                   free_bytes: int | None = None) -> bool:
+    """Whether weights stay on the CPU with one decoder layer on ``device`` at a time.
+
+    ``buffer_bytes`` is what the run keeps on the device besides the weights (:func:`calib_buffer_bytes`);
+    ``free_bytes`` defaults to the device's free memory. ``on`` offloads on any device (on the CPU the moves
+    are no-ops, but the layer-at-a-time path runs, which is how it is tested without a GPU). Raises
+    :class:`DeviceMemoryError` when offloading is needed and even one layer plus the buffers do not fit.
+    """
     dev = torch.device(device)
-    if dev.type == "cpu" or mode == "off":
+    if mode == "off":
         return False
-    if mode == "on":
-        return True
-    free, _total = torch.cuda.mem_get_info(dev)
-    # Leave room for activations: offload when the weights would take more than 70% of free memory.
-    return param_bytes(model) > 0.7 * free
+    if free_bytes is None and dev.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(dev)[0]
+    if free_bytes is None:  # the CPU holds everything already; no budget to check against
+        return mode == "on"
+    # Leave room for activations: offload when weights and buffers would take more than 70% of free memory.
+    offload = mode == "on" or param_bytes(model) + buffer_bytes > 0.7 * free_bytes
+    if offload:
+        layers = decoder_layers(model)
+        resident = param_bytes(model) - param_bytes(layers)  # embeddings, norm, head, vision tower
+        largest = max((param_bytes(layer) for layer in layers), default=0)
+        need = resident + largest + buffer_bytes
+        if need > 0.9 * free_bytes:
+            raise DeviceMemoryError(
+                f"one decoder layer with the non-layer weights ({(resident + largest) / 2**30:.2f} GiB) and the "
+                f"calibration buffers ({buffer_bytes / 2**30:.2f} GiB) need {need / 2**30:.2f} GiB, "
+                f"{device} has {free_bytes / 2**30:.2f} GiB free")
+    return offload
 
 
 def place_model(model: nn.Module, device: str, offload: bool) -> None:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .layerwise import capture_layer_inputs, run_layer
 from .masks import pack
 from .models import decoder_layers, find_linears, layer_prefix
+from .offload import on_device
 from .profile import Profile
 from .sparsegpt import SparseGPT
 from .sparsity import SparsityType, optspa_score, prune_mask, wanda_score, wanda_variant_mask
@@ -132,22 +133,19 @@ def _prune_sequential(
     logger.info("capturing decoder layer 0 inputs for %d calibration samples", len(calib))
     inputs = capture_layer_inputs(model, calib, device)
     for i, layer in enumerate(tqdm(layers, desc=desc)):
-        if offload:
-            layer.to(device)
-        collectors = {name: make_collector(mod) for name, mod in find_linears(layer).items()}
-        collect_layer_inputs(layer, inputs, device, collectors, keep=False)
-        _sync(device)
-        t0 = time.perf_counter()
-        for name, collector in collectors.items():
-            logger.debug("pruning layer %d name %s", i, name)
-            result.add(f"{prefix}{i}.{name}.weight", collector.prune(profile.ratio(i, name), pattern))
-            collector.free()
-        _sync(device)
-        result.prune_seconds += time.perf_counter() - t0
-        del collectors
-        inputs.hidden = run_layer(layer, inputs, device)  # the pruned layer feeds the next one
-        if offload:
-            layer.to("cpu")
+        with on_device(layer, device, offload):
+            collectors = {name: make_collector(mod) for name, mod in find_linears(layer).items()}
+            collect_layer_inputs(layer, inputs, device, collectors, keep=False)
+            _sync(device)
+            t0 = time.perf_counter()
+            for name, collector in collectors.items():
+                logger.debug("pruning layer %d name %s", i, name)
+                result.add(f"{prefix}{i}.{name}.weight", collector.prune(profile.ratio(i, name), pattern))
+                collector.free()
+            _sync(device)
+            result.prune_seconds += time.perf_counter() - t0
+            del collectors
+            inputs.hidden = run_layer(layer, inputs, device)  # the pruned layer feeds the next one
     result.calib_seconds = time.perf_counter() - start - result.prune_seconds
     return result
 
@@ -160,17 +158,14 @@ def prune_magnitude(model: nn.Module, profile: Profile, pattern: SparsityType,
     result = PruneResult()
     prefix = layer_prefix(model)
     for i, layer in enumerate(tqdm(decoder_layers(model), desc="magnitude")):
-        if offload:
-            layer.to(device)
-        t0 = time.perf_counter()
-        for name, mod in find_linears(layer).items():
-            W = mod.weight.data
-            mask = prune_mask(W.float().abs(), profile.ratio(i, name), pattern, scope="matrix")
-            W.masked_fill_(mask, 0)
-            result.add(f"{prefix}{i}.{name}.weight", mask)
-        result.prune_seconds += time.perf_counter() - t0
-        if offload:
-            layer.to("cpu")
+        with on_device(layer, device, offload):
+            t0 = time.perf_counter()
+            for name, mod in find_linears(layer).items():
+                W = mod.weight.data
+                mask = prune_mask(W.float().abs(), profile.ratio(i, name), pattern, scope="matrix")
+                W.masked_fill_(mask, 0)
+                result.add(f"{prefix}{i}.{name}.weight", mask)
+            result.prune_seconds += time.perf_counter() - t0
     return result
 
 

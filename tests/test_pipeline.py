@@ -27,10 +27,20 @@ def test_capture_records_all_layer_kwargs_and_replays_the_model(tiny_llama):
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_capture_rejects_mixed_shapes(tiny_llama):
+def test_capture_replays_batches_of_different_shapes(tiny_llama):
+    """Windows of different lengths and batch sizes go through the one capture path, each with its own
+    layer arguments (position embeddings depend on the length); equal shapes share one argument set."""
     lm = load_model(tiny_llama, dtype="float32")
-    with pytest.raises(ValueError, match="one shape"):
-        capture_layer_inputs(lm.model, [torch.ones(1, 8, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], "cpu")
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(4, len(lm.tokenizer), shape, generator=gen) for shape in [(2, 8), (1, 13), (2, 8), (1, 5)]]
+    inputs = capture_layer_inputs(lm.model, ids, "cpu")
+    assert inputs.batch_kwargs[0] is inputs.batch_kwargs[2] and inputs.batch_kwargs[1] is not inputs.batch_kwargs[0]
+    for layer in decoder_layers(lm.model):
+        inputs.hidden = run_layer(layer, inputs, "cpu")
+    for h, x in zip(inputs.hidden, ids):
+        logits = lm.model.get_output_embeddings()(decoder(lm.model).norm(h))
+        with torch.no_grad():
+            torch.testing.assert_close(logits, lm.model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_llava_decoder_is_the_language_model(tiny_llava):
