@@ -7,6 +7,7 @@ are summed and ``ppl = exp(sum / (windows * seqlen))``.
 from __future__ import annotations
 
 import logging
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +76,27 @@ def _nll_layerwise(model: nn.Module, batches: list[torch.Tensor], device, desc: 
     return total
 
 
+def run_evaluations(model: nn.Module, kv, evaluations: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Run every evaluation of a run inside one KV-quantization simulation (``kv``: a
+    :class:`lib.kvquant.KVQuantConfig` or None), so perplexity and zero-shot numbers describe the same model."""
+    from .kvquant import simulate_kv_quant
+
+    with simulate_kv_quant(model, kv):
+        return {name: fn() for name, fn in evaluations.items()}
+
+
 def eval_zero_shot(model: nn.Module, tokenizer, tasks: list[str] | None = None, batch_size: int = 1,
                    num_fewshot: int = 0) -> dict:
-    """Accuracy on Wanda's seven zero-shot tasks through lm-eval-harness (``pip install lm-eval``)."""
+    """Accuracy on Wanda's seven zero-shot tasks through lm-eval-harness (``pip install lm-eval``); the result
+    records the KV quantization simulated while it ran (``kv``: None for full precision)."""
     from lm_eval import simple_evaluate  # imported here: an optional dependency
     from lm_eval.models.huggingface import HFLM
 
+    from .kvquant import active_kv_simulation
+
+    kv = active_kv_simulation(model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = simple_evaluate(model=lm, tasks=tasks or ZERO_SHOT_TASKS, num_fewshot=num_fewshot)
-    return {task: res for task, res in results["results"].items()}
+    out = {task: res for task, res in results["results"].items()}
+    out["kv"] = None if kv is None else kv.describe()
+    return out

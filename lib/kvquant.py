@@ -77,7 +77,7 @@ from .kvquantizer import (
     quantize_channel_groups,
     quantize_token_groups,
 )
-from .kvsim import simulate_kv_quant
+from .kvsim import active_kv_simulation, simulate_kv_quant
 
 __all__ = [
     "QUANT_BITS",
@@ -98,6 +98,7 @@ __all__ = [
     "unpack_bits",
     "kv_dims",
     "simulate_kv_quant",
+    "active_kv_simulation",
     "QuantizedKVLayer",
     "PackedQuantizedCache",
     "kv_bytes_per_token",

@@ -3,6 +3,7 @@ quantize-dequantized K/V (works with ``use_cache=False``, LLaVA and layer-by-lay
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -65,6 +66,15 @@ def _make_sim_hook(layer_idx: int, key_bits: int, value_bits: int, config: KVQua
     return hook
 
 
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, KVQuantConfig]" = weakref.WeakKeyDictionary()
+
+
+def active_kv_simulation(model: nn.Module) -> KVQuantConfig | None:
+    """The KV quantization being simulated on ``model`` right now (inside :func:`simulate_kv_quant`), or None;
+    evaluations record it so every number says which KV setting it was measured under."""
+    return _ACTIVE.get(model)
+
+
 @contextmanager
 def simulate_kv_quant(model: nn.Module, config: KVQuantConfig | None) -> Iterator[KVQuantConfig | None]:
     """Within the block, every forward of ``model`` (or of its decoder layers called one by one) sees
@@ -88,7 +98,9 @@ def simulate_kv_quant(model: nn.Module, config: KVQuantConfig | None) -> Iterato
             hook = _make_sim_hook(idx, kb, vb, config, warned)
             handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
         logger.info("KV quant simulation on %d/%d layers: %s", len(handles), len(layers), config.describe())
+        _ACTIVE[model] = config
         yield config
     finally:
+        _ACTIVE.pop(model, None)
         for h in handles:
             h.remove()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,13 +39,50 @@ class LoadedModel:
     # An original LLaVA checkpoint (liuhaotian/*): its layout (lib/llava_original.py); ``model`` is then its
     # language model only, and ``multimodal`` is False until lib.llava_original.build_multimodal wraps it.
     original_llava: Any = None
+    # What --save_model writes back: the checkpoint's dtype (or the one asked for) and its runtime settings.
+    save_dtype: torch.dtype | None = None
+    runtime_overrides: list[tuple[Any, Any]] = field(default_factory=list)
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` is float16 on an accelerator (as Wanda) and float32 on CPU, where half matmuls are slow."""
+def checkpoint_dtype(config: Any) -> torch.dtype:
+    """The dtype a checkpoint is stored in (``dtype`` / ``torch_dtype`` of its config, or of its text config
+    for LLaVA; a raw config dict works too); float32 when it does not say."""
+    cfgs = [config, config.get("text_config") if isinstance(config, dict) else getattr(config, "text_config", None)]
+    for cfg in cfgs:
+        if cfg is None:
+            continue
+        for key in ("dtype", "torch_dtype"):
+            value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+            if isinstance(value, torch.dtype):
+                return value
+            if isinstance(value, str) and value.replace("torch.", "") in DTYPES:
+                return DTYPES[value.replace("torch.", "")]
+    return torch.float32
+
+
+def resolve_dtype(dtype: str, device: str, stored: torch.dtype = torch.float32) -> torch.dtype:
+    """The compute dtype. ``auto`` is the checkpoint's own dtype ``stored`` (a bf16 LLaMA-3 stays bf16 on a GPU),
+    except that the CPU computes half-precision checkpoints in float32, where half matmuls are slow or missing;
+    :func:`save_pretrained_as_loaded` writes them back in ``stored``."""
     if dtype == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        if torch.device(device).type == "cpu" and stored in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return stored
     return DTYPES[dtype]
+
+
+def _disable_cache(model: nn.Module) -> list[tuple[Any, Any]]:
+    """Turn the KV cache off in the config(s) (Wanda's calibration and evaluation run without one; generation
+    passes its own cache); returns the original settings so a saved checkpoint gets them back."""
+    saved = []
+    configs = [model.config] + ([text_config(model)] if text_config(model) is not model.config else [])
+    for cfg in configs:  # LLaVA: the outer and the text config
+        saved.append((cfg, cfg.__dict__.get("use_cache", _ABSENT)))
+        cfg.use_cache = False
+    return saved
+
+
+_ABSENT = object()  # a config that had no use_cache gets none back
 
 
 def _load_config(name: str, cache_dir: str | None):
@@ -107,10 +144,11 @@ def load_model(name: str, *, cache_dir: str | None = None, dtype: str = "auto", 
 
     raw = llava_original.read_raw_config(name, cache_dir)
     if llava_original.is_original_llava(raw):
-        return _load_original_llava(name, raw, cache_dir, resolve_dtype(dtype, device))
+        return _load_original_llava(name, raw, cache_dir, resolve_dtype(dtype, device, checkpoint_dtype(raw)))
     config = _load_config(name, cache_dir)
     cls, multimodal = model_class_for(config)
-    torch_dtype = resolve_dtype(dtype, device)
+    stored = checkpoint_dtype(config)
+    torch_dtype = resolve_dtype(dtype, device, stored)
     tokenizer = load_tokenizer(name, cache_dir)
     try:
         model = cls.from_pretrained(name, cache_dir=cache_dir, dtype=torch_dtype, low_cpu_mem_usage=True)
@@ -118,11 +156,29 @@ def load_model(name: str, *, cache_dir: str | None = None, dtype: str = "auto", 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model weights for '{name}': {first}") from exc
     model.eval()
-    # Wanda disables the cache for calibration and evaluation; generation passes its own cache.
-    model.config.use_cache = False
-    text_cfg = text_config(model)
-    text_cfg.use_cache = False
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, multimodal=multimodal)
+    overrides = _disable_cache(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, multimodal=multimodal,
+                       save_dtype=stored if dtype == "auto" else torch_dtype, runtime_overrides=overrides)
+
+
+def save_pretrained_as_loaded(loaded: LoadedModel, folder: str) -> None:
+    """``save_pretrained`` of the (pruned) model as the checkpoint was: its dtype (``auto`` computed a bf16
+    checkpoint in float32 on the CPU; it goes back as bf16, zeros stay zeros) and its config, without the
+    runtime settings of this run (``use_cache: false``). Moves the model to the CPU in that dtype."""
+    model = loaded.model
+    model.to("cpu")
+    if loaded.save_dtype is not None and next(model.parameters()).dtype != loaded.save_dtype:
+        model.to(loaded.save_dtype)
+    for cfg, value in loaded.runtime_overrides:
+        if value is _ABSENT:
+            del cfg.use_cache
+        else:
+            cfg.use_cache = value
+    try:
+        model.save_pretrained(folder)
+    finally:
+        for cfg, _ in loaded.runtime_overrides:
+            cfg.use_cache = False
 
 
 def _load_original_llava(name: str, raw: dict, cache_dir: str | None, torch_dtype: torch.dtype) -> LoadedModel:
