@@ -21,6 +21,7 @@ The original release stores a LLaMA / Mistral causal LM under ``model.*`` / ``lm
 """
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import logging
@@ -309,8 +310,9 @@ def build_multimodal(language_model: nn.Module, tokenizer, info: OriginalLlava,
     if meta:
         raise OriginalLlavaError(f"internal: {len(meta)} tensors left unset building the LLaVA model ({meta[0]})")
     mm.eval()
-    mm.config.use_cache = False
-    mm.config.text_config.use_cache = False
+    mm.config.use_cache = False  # calibration and evaluation pass no cache; generation uses its own config:
+    mm.generation_config = copy.deepcopy(language_model.generation_config)  # the LM's (use_cache, bos/eos)
+    mm.generation_config.use_cache = True
     return mm, _processor(info, src, tokenizer, vision_cfg, config, cache_dir)
 
 
