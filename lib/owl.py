@@ -65,7 +65,7 @@ def owl_allocation(outlier: list[float], target: float, lam: float = DEFAULT_LAM
 def owl_profile(model: nn.Module, act_sq_mean: dict[tuple[int, str], torch.Tensor], target: float,
                 lam: float = DEFAULT_LAMBDA, m: float = DEFAULT_M, **profile_kw):
     """The OWL allocation as a profile whose pruned counts hit ``target`` exactly (as the search's do)."""
-    from .search import module_shapes, realized_profile
+    from .search_space import module_shapes, realized_profile
 
     ratios = owl_allocation(outlier_ratios(model, act_sq_mean, m), target, lam)
     logger.info("OWL per-layer sparsity %s", " ".join(f"{r:.3f}" for r in ratios))

@@ -18,8 +18,12 @@ from lib.models import load_model
 from lib.owl import outlier_ratios, owl_allocation
 from lib.profile import Profile
 from lib.prune import check_sparsity, prune_optspa
-from lib.search import (DenseSnapshot, OneShotPruner, SearchConfig, SearchSpace, dense_input_stats,
-                        realize, realized_sparsity, run_search)
+from lib.masks import unpack
+from lib.oneshot import DenseSnapshot, dense_input_stats
+from lib.search import run_search
+from lib.study import open_storage
+from lib.search_space import (SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts, realize,
+                              realized_sparsity)
 from lib.sparsity import SparsityType
 
 COMMON = ["--nsamples", "4", "--seqlen", "32", "--objective_nsamples", "2", "--kv_group_size", "16"]  # tiny models: head_dim 16
@@ -38,40 +42,65 @@ def _args(model, data_dir, *extra):
 
 # ------------------------------------------------------------------------------------ feasibility by construction
 @pytest.mark.parametrize("granularity,num_layers,num_blocks", [("block", 8, 8), ("block", 7, 3), ("layer", 8, 8),
-                                                                ("module", 4, 8)])
-@pytest.mark.parametrize("target", [0.5, 0.6, 0.03])
-def test_every_raw_sample_maps_to_the_target(granularity, num_layers, num_blocks, target):
+                                                                ("module", 4, 8), ("block_module", 8, 4)])
+@pytest.mark.parametrize("target,rng_", [(0.5, 0.05), (0.5, 0.3), (0.7, 0.3), (0.03, 0.2)])
+def test_every_raw_sample_maps_to_the_target(granularity, num_layers, num_blocks, target, rng_):
     shapes = _shapes(num_layers)
-    cfg = SearchConfig(target=target, granularity=granularity, num_blocks=num_blocks)
+    cfg = SearchConfig(target=target, granularity=granularity, num_blocks=num_blocks, sparsity_range=rng_)
     space = SearchSpace(cfg, shapes, num_layers)
     rng = random.Random(0)
     total = sum(r * c for r, c in shapes.values())
-    for _ in range(200):
-        raw = [rng.randint(space.k_lo, space.k_hi) for _ in space.groups]
-        ratios, offsets = space.sparsity_from_offsets(raw)
-        assert all(space.k_lo <= o <= space.k_hi for o in offsets)
-        assert all(target - 0.05 - 1e-6 <= r <= target + 0.05 + 1e-6 and r >= 0 for r in ratios)
-        unit = {u: ratios[g] for g, members in enumerate(space.groups) for u in members}
-        mean = sum(unit[u] * r * c for u, (r, c) in shapes.items()) / total
+    lo_ratio, hi_ratio = max(0.0, target - rng_), min(0.99, target + rng_)
+    for _ in range(100):
+        raw = [rng.randint(lo, hi) for lo, hi in zip(space.lo, space.hi)]
+        levels = space.repair(raw)
+        assert sum(levels) == 0  # the budget in weights, exactly
+        assert all(lo <= v <= hi for v, lo, hi in zip(levels, space.lo, space.hi))
+        assert space.repair(levels) == levels  # a feasible point is its own image
+        alloc = space.allocation(raw)
+        assert all(lo_ratio - 1e-9 <= r <= hi_ratio + 1e-9 for r in alloc.unit_ratio.values())
+        mean = sum(alloc.unit_ratio[u] * r * c for u, (r, c) in shapes.items()) / total
         assert mean == pytest.approx(target, abs=1e-9)
         # ...and the pruned counts, not only the nominal ratios, hit the target.
-        assert abs(realized_sparsity(shapes, realize(shapes, unit, target)) - target) <= 1e-3
-    if granularity != "block" or num_layers % num_blocks == 0:  # equal units: exactly on the grid
-        assert all(abs((r - target) / cfg.sparsity_step - round((r - target) / cfg.sparsity_step)) < 1e-6 for r in ratios)
+        assert abs(realized_sparsity(shapes, realize(shapes, alloc.unit_ratio, target)) - target) <= 1e-3
+        # A level switch (one unit up, another down) keeps the budget: EvoPress's move.
+        a, b = rng.sample(range(len(levels)), 2)
+        if levels[a] < space.hi[a] and levels[b] > space.lo[b]:
+            moved = list(levels)
+            moved[a] += 1
+            moved[b] -= 1
+            assert space.repair(moved) == moved
+    if granularity == "block_module":  # one unit per block and projection type
+        assert len(space.groups) == num_blocks * 7 and all(len({u[1] for u in g}) == 1 for g in space.groups)
 
 
-@pytest.mark.parametrize("choices,budget", [((6, 8), None), ((4, 6, 8), 6.5), ((2, 4, 8, 16), 5.0)])
-def test_kv_bits_always_within_budget(choices, budget):
-    cfg = SearchConfig(target=0.5, kind="kv", kv_bits_choices=choices, kv_avg_bits=budget)
+def test_repair_keeps_the_shape_of_a_one_sided_sample():
+    """A sample whose units all lean one way is shifted, not flattened to uniform."""
+    space = SearchSpace(SearchConfig(target=0.5, granularity="layer", sparsity_range=0.3), _shapes(8), 8)
+    levels = space.repair([-3, -1, -3, -3, 0, 0, -7, -8])
+    assert sum(levels) == 0 and levels != [0] * 8
+    assert levels[4] > levels[0] > levels[7]  # the order of the units is kept
+
+
+@pytest.mark.parametrize("choices,budget,separate", [((6, 8), None, False), ((4, 6, 8), 6.5, False),
+                                                     ((2, 4, 8, 16), 5.0, False), ((2, 3, 4, 6, 8), 3.0, True)])
+def test_kv_bits_always_within_budget(choices, budget, separate):
+    cfg = SearchConfig(target=0.5, kind="kv", kv_bits_choices=choices, kv_avg_bits=budget, kv_separate=separate)
     space = SearchSpace(cfg, _shapes(8), 8)
     rng = random.Random(1)
+    slots = space.kv_slots
+    assert slots == (16 if separate else 8)
     for _ in range(200):
-        bits = space.kv_from_priorities([rng.random() for _ in range(8)])
-        assert set(bits) <= set(choices) and len(bits) == 8
-        assert sum(bits) / 8 <= cfg.kv_budget + 1e-9
+        bits = space.kv_from_priorities([rng.random() for _ in range(slots)])
+        assert set(bits) <= set(choices) and len(bits) == slots
+        assert sum(bits) / slots <= cfg.kv_budget + 1e-9
         # Budget is spent: no single raise would still fit.
         higher = [min([c for c in choices if c > b], default=None) for b in bits]
-        assert all(h is None or sum(bits) - b + h > cfg.kv_budget * 8 + 1e-9 for b, h in zip(bits, higher))
+        assert all(h is None or sum(bits) - b + h > cfg.kv_budget * slots + 1e-9 for b, h in zip(bits, higher))
+        alloc = space.allocation(None, bits)
+        assert len(alloc.key_bits) == len(alloc.value_bits) == 8
+        if not separate:
+            assert alloc.key_bits == alloc.value_bits
 
 
 def test_owl_allocation_mean_shape_and_direction(tiny_llama):
@@ -85,41 +114,59 @@ def test_owl_allocation_mean_shape_and_direction(tiny_llama):
     assert len(out) == 2 and all(0 <= o < 1 for o in out)
 
 
-def test_oneshot_thresholding_matches_the_optspa_pruner_on_layer_0(tiny_llama):
-    lm = load_model(tiny_llama, dtype="float32")
-    calib = [torch.randint(5, len(lm.tokenizer), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    snap = DenseSnapshot(lm.model)
-    pruner = OneShotPruner(snap, dense_input_stats(lm.model, calib, "cpu"))
-    pruner.apply({u: 0.5 for u in snap.modules})
-    oneshot = {u: (m.weight.data == 0).clone() for u, m in snap.modules.items()}
-    snap.restore()
-    assert check_sparsity(lm.model)[0] < 0.01  # restore really gives the dense weights back
-    prune_optspa(lm.model, calib, Profile.uniform(2, 0.5), SparsityType())
-    for u, m in snap.modules.items():
-        if u[0] == 0:  # layer 0 sees the same inputs in both modes
-            assert torch.equal(oneshot[u], m.weight.data == 0)
+def _calib(lm, n=4):
+    return [torch.randint(5, len(lm.tokenizer), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(n)]
 
 
-def test_oneshot_trials_in_sequence_equal_pruning_from_the_dense_snapshot(tiny_llama):
-    """Trials only move the difference from the previous one; the weights must be exactly those of restoring the
-    dense snapshot and pruning from scratch, whatever the sequence of ratios (up, down, zero, unchanged)."""
+@pytest.mark.parametrize("method", ["optspa", "wanda"])
+def test_oneshot_trials_equal_prune_mask_on_dense_scores_in_any_sequence(tiny_llama, method):
+    """A oneshot trial is prune_mask on the dense model's scores; moving only the difference from the previous
+    trial (up, down, unchanged) gives exactly those weights, and the masks it reports are its zeros."""
+    from lib.oneshot import SCORES, OneShotPruner
+    from lib.sparsity import prune_mask
+
     lm = load_model(tiny_llama, dtype="float32")
-    calib = [torch.randint(5, len(lm.tokenizer), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    shapes = module_shapes(lm.model)
     snap = DenseSnapshot(lm.model)
-    pruner = OneShotPruner(snap, dense_input_stats(lm.model, calib, "cpu"))
+    stats = dense_input_stats(lm.model, _calib(lm), "cpu")
+    bounds = {u: (int(c * 0.2), int(c * 0.8)) for u, (_, c) in shapes.items()}
+    pruner = OneShotPruner(lm.model, stats, method, bounds, "cpu")
     rng = random.Random(0)
     for step in range(6):
-        ratios = {u: rng.choice([0.0, 0.3, 0.45, 0.5, 0.55, 0.7]) for u in snap.modules}
-        pruner.apply(ratios)
-        incremental = {u: m.weight.data.clone() for u, m in snap.modules.items()}
-        pruner.forget()
-        pruner.apply(ratios)  # from the snapshot
-        for u, m in snap.modules.items():
-            assert torch.equal(incremental[u], m.weight.data), (step, u)
-            assert int((m.weight.data == 0).sum()) >= m.weight.shape[0] * int(m.weight.shape[1] * ratios[u])
+        counts = {u: rng.randint(*bounds[u]) for u in shapes}
+        pruner.apply(counts)
+        masks = pruner.masks()
+        for (i, name), mod in snap.modules.items():
+            dense = snap.weights[(i, name)]
+            want = prune_mask(SCORES[method](dense, stats[(i, name)]), counts[(i, name)] / dense.shape[1] + 1e-9,
+                              SparsityType())
+            assert torch.equal(mod.weight.data, dense.masked_fill(want, 0)), (step, i, name)
+            got = unpack(masks.masks[f"model.layers.{i}.{name}.weight"], tuple(dense.shape))
+            assert torch.equal(got, want)
     snap.restore()
-    pruner.forget()
-    assert check_sparsity(lm.model)[0] < 0.01
+    pruner.rebuild(counts)  # after a sequential re-prune: back to exactly the same oneshot weights
+    for u, mod in snap.modules.items():
+        want = prune_mask(SCORES[method](snap.weights[u], stats[u]), counts[u] / snap.weights[u].shape[1] + 1e-9,
+                          SparsityType())
+        assert torch.equal(mod.weight.data, snap.weights[u].masked_fill(want, 0))
+    assert pruner.nbytes() < sum(w.numel() * w.element_size() for w in snap.weights.values())
+
+
+def test_prune_oneshot_reapplies_a_profile_as_the_trials_pruned_it(tiny_llama):
+    from lib.oneshot import OneShotPruner, prune_oneshot
+
+    lm = load_model(tiny_llama, dtype="float32")
+    calib = _calib(lm)
+    prof = Profile(num_layers=2, sparsity=[0.4, 0.6], module_sparsity={1: {"mlp.up_proj": 0.3}})
+    counts = profile_counts(prof, module_shapes(lm.model))
+    snap = DenseSnapshot(lm.model)
+    OneShotPruner(lm.model, dense_input_stats(lm.model, calib, "cpu"), "optspa",
+                  {u: (k, k) for u, k in counts.items()}, "cpu")
+    want = {u: m.weight.data.clone() for u, m in snap.modules.items()}
+    snap.restore()
+    res = prune_oneshot(lm.model, calib, prof, "optspa", "cpu")
+    assert all(torch.equal(want[u], m.weight.data) for u, m in snap.modules.items())
+    assert len(res.masks) == len(want)
 
 
 # ------------------------------------------------------------------------------------ library: seeds, resume
@@ -127,32 +174,31 @@ def _lib_search(model_dir, data_dir, save, objective_nsamples=2, **kw):
     lm = load_model(model_dir, dtype="float32")
     calib = data.get_calibration("c4", lm.tokenizer, 4, 0, 32, data_dir)
     ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    trial_kv = kw.pop("trial_kv", None)
     cfg = SearchConfig(**{"target": 0.5, "kind": "joint", "granularity": "module", "n_trials": 5,
-                          "save_dir": str(save), **kw})
+                          "pruner": "none", "reprune_top": 0, "save_dir": str(save), **kw})
     return run_search(lm.model, cfg, calib=calib, objective_ids=ids, seqlen=32, objective_nsamples=objective_nsamples,
-                      model_name="tiny", progress=False, kv_kwargs={"group_size": 16}), lm
+                      model_name="tiny", progress=False, kv_kwargs={"group_size": 16}, trial_kv=trial_kv), lm
 
 
 def test_same_seed_same_trials_and_resume_does_not_redo(tiny_llama, data_dir, tmp_path):
     a, lm = _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3)
     b, _ = _lib_search(tiny_llama, data_dir, tmp_path / "b", seed=3)
     c, _ = _lib_search(tiny_llama, data_dir, tmp_path / "c", seed=4)
-    params = lambda r: [(t["layer_sparsity"], t["kv_bits"]) for t in r.trials]  # noqa: E731
+    params = lambda r: [(t["layer_sparsity"], t["key_bits"]) for t in r.trials]  # noqa: E731
     assert params(a) == params(b) and params(a) != params(c)
-    assert [t["value"] for t in a.trials] == pytest.approx([t["value"] for t in b.trials])
+    assert [t["value"] for t in a.trials] == [t["value"] for t in b.trials]
     assert a.wasted_fraction == 0 and all(t["feasible"] for t in a.trials)
-    assert check_sparsity(lm.model)[0] < 0.01  # the search leaves the model dense
+    assert check_sparsity(lm.model)[0] == pytest.approx(0.5, abs=1e-3)  # the model is pruned as shipped
 
-    # Resume: a stale RUNNING trial (a killed worker) and 5 completed ones; asking for 7 runs exactly 2 more.
+    # Resume: a stale RUNNING trial (a killed worker) and 5 finished ones; asking for 7 runs exactly 2 more.
     study = optuna.load_study(study_name=a.study_name, storage=a.storage)
     study.ask()
     more, _ = _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, n_trials=7)
     complete = [t for t in more.trials if t["state"] == "COMPLETE"]
     assert len(complete) == 7
-    assert [t["value"] for t in complete[:5]] == pytest.approx([t["value"] for t in a.trials])
+    assert [t["value"] for t in complete[:5]] == [t["value"] for t in a.trials]
     # Other search settings under the same study name are refused, not mixed in.
-    from lib.search import SearchError
-
     with pytest.raises(SearchError, match="other search settings"):
         _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, sparsity_step=0.05, study_name=a.study_name)
     # So are trials scored on other objective windows (their values would not be comparable).
@@ -160,11 +206,175 @@ def test_same_seed_same_trials_and_resume_does_not_redo(tiny_llama, data_dir, tm
         _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, n_trials=7, objective_nsamples=1)
 
 
+def test_a_study_records_module_shapes():
+    """Two models whose linears differ never share a study, even with the same layer count and names."""
+    cfg = SearchConfig(target=0.5, granularity="layer")
+    other = {u: (r, c * 2 if "mlp" in u[1] else c) for u, (r, c) in _shapes(8).items()}
+    assert SearchSpace(cfg, _shapes(8), 8).fingerprint() != SearchSpace(cfg, other, 8).fingerprint()
+
+
+def test_workers_with_one_seed_never_repeat_points_and_uniform_is_trial_0_once(tiny_llama, data_dir, tmp_path):
+    """Same command, same --seed, one shared study: every trial draws from (seed, trial number), so the second
+    worker does not replay the first one's start-up points, and the uniform allocation is trial 0 only."""
+    storage = f"journal:{tmp_path}/study.journal.log"
+    kw = dict(storage=storage, study_name="same-seed", kind="sparsity", granularity="module", seed=0)
+    _lib_search(tiny_llama, data_dir, tmp_path / "w0", n_trials=4, **kw)
+    b, _ = _lib_search(tiny_llama, data_dir, tmp_path / "w1", n_trials=8, **kw)
+    study = optuna.load_study(study_name="same-seed", storage=open_storage(storage))
+    raw = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert len(raw) == len(set(raw)) == 8  # no point drawn twice
+    evaluated = [t for t in study.trials if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs]
+    keys = [t.user_attrs["key"] for t in evaluated]
+    assert len(keys) == len(set(keys)) == 8  # no point evaluated twice
+    uniform = [t.number for t in study.trials if all(v == 0 for v in t.params.values())]
+    assert uniform == [0]
+    assert [t["state"] for t in b.trials].count("COMPLETE") == 8
+
+
+@pytest.mark.parametrize("reprune", [0, 2])
+def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, reprune):
+    """The objective measured on the model the search leaves behind equals the best trial's value exactly
+    (oneshot ship); with re-prunes, it equals the best of the best trial and the re-prunes, and the result
+    says which was shipped."""
+    from lib.objective import Objective
+
+    r, lm = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="layer", n_trials=6,
+                        reprune_top=reprune, sparsity_range=0.3)
+    ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    measured = Objective(lm.model, ids, 32, 2, "cpu", False)()
+    assert measured == r.shipped_value
+    if reprune == 0:
+        assert r.shipped == "oneshot" and r.shipped_value == r.best_value and not r.reprune_values
+    else:
+        assert len(r.reprune_values) == 2
+        assert r.shipped_value == min([r.best_value, *r.reprune_values.values()])
+        assert r.shipped == ("sequential" if min(r.reprune_values.values()) < r.best_value else "oneshot")
+    assert r.profile.meta["shipped"] == r.shipped and r.profile.meta["shipped_value"] == r.shipped_value
+    masks = {n: unpack(m, r.prune.shapes[n]) for n, m in r.prune.masks.items()}
+    for name, mask in masks.items():  # the reported masks are the model's zeros
+        w = lm.model.get_parameter(name)
+        assert torch.equal(mask, w == 0) or bool((w[mask] == 0).all())
+
+
+def test_pruner_stops_trials_which_are_recorded_never_chosen_and_cost_counts_windows(tiny_llama, data_dir, tmp_path):
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="module", n_trials=16,
+                       pruner="median", objective_nsamples=8, sparsity_range=0.3, seed=1)
+    states = [t["state"] for t in r.trials]
+    assert "PRUNED" in states and states.count("COMPLETE") + states.count("PRUNED") == 16
+    pruned = [t for t in r.trials if t["state"] == "PRUNED"]
+    assert all(0 < t["windows"] < 8 for t in pruned)
+    assert r.trials[r.best_trial]["state"] == "COMPLETE"
+    assert r.cost_evals == pytest.approx(sum(t["windows"] or 0 for t in r.trials) / 8)
+    assert r.cost_evals < 16
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "cmaes", "evolution", "random"])
+def test_every_sampler_proposes_feasible_points(tiny_llama, data_dir, tmp_path, sampler):
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="block_module", num_blocks=2,
+                       n_trials=5, sampler=sampler, sparsity_range=0.3)
+    done = [t for t in r.trials if t["state"] == "COMPLETE"]
+    assert len(done) == 5 and all(t["feasible"] for t in done)
+    assert all(abs(t["realized_sparsity"] - 0.5) <= 1e-3 for t in done)
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    assert all(sum(t.user_attrs["levels"]) == 0 for t in study.trials)
+    assert len({json.dumps(t.user_attrs["levels"]) for t in study.trials}) >= 3  # it moves
+
+
+def test_kl_objective_streams_window_by_window_from_disk(tiny_llama, tmp_path):
+    import torch.nn.functional as F
+
+    from lib.objective import Objective
+
+    lm = load_model(tiny_llama, dtype="float32")
+    ids = torch.randint(5, lm.model.config.vocab_size, (1, 4 * 32), generator=torch.Generator().manual_seed(0))
+    obj = Objective(lm.model, ids, 32, 4, "cpu", False, kind="kl", workdir=str(tmp_path))
+    stored = os.listdir(tmp_path)
+    assert len(stored) == 1 and os.listdir(tmp_path / stored[0]) == ["dense_logp.f16"]
+    with torch.no_grad():
+        dense = [F.log_softmax(lm.model(input_ids=ids[:, i * 32:(i + 1) * 32]).logits.float(), -1).half().float()
+                 for i in range(4)]
+    prune_optspa(lm.model, _calib(lm), Profile.uniform(2, 0.5), SparsityType())
+    steps = []
+    value = obj(lambda step, v: steps.append((step, v)))
+    with torch.no_grad():
+        cur = [F.log_softmax(lm.model(input_ids=ids[:, i * 32:(i + 1) * 32]).logits.float(), -1) for i in range(4)]
+    want = sum(float((d.exp() * (d - c)).sum(dtype=torch.float64)) for d, c in zip(dense, cur)) / (4 * 32)
+    assert value == pytest.approx(want, rel=1e-6) and value > 0
+    assert [s for s, _ in steps] == [1, 2, 3]  # running values reported as windows are scored
+    obj.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_sparsity_search_applies_fixed_kv_bits_during_its_trials(tiny_llama, data_dir, tmp_path):
+    from lib.kvquant import KVQuantConfig
+
+    kv = KVQuantConfig.uniform(2, 2, group_size=16)
+    plain, _ = _lib_search(tiny_llama, data_dir, tmp_path / "a", kind="sparsity", granularity="layer", n_trials=1)
+    quant, _ = _lib_search(tiny_llama, data_dir, tmp_path / "b", kind="sparsity", granularity="layer", n_trials=1,
+                           trial_kv=kv)
+    assert quant.best_value != plain.best_value  # the uniform trial 0, scored with and without 2-bit KV
+    assert quant.shipped_value == quant.best_value
+
+
 # ------------------------------------------------------------------------------------ command line
+def test_prune_method_optspa_means_search_then_prune(tiny_llama, data_dir, tmp_path, capsys):
+    base = _args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.5", "--n_trials", "3")
+    code, out, err = run_cli([*base, "--save", str(tmp_path / "s")], capsys)
+    assert code == 0, err
+    assert "searching the sparsity allocation" in out and "trial 0:" in out
+    res = json.load(open(tmp_path / "s" / "results_optspa.json"))
+    assert res["search"]["shipped"] in ("oneshot", "sequential") and res["search"]["complete_trials"] >= 1
+    # The ablation: the uniform metric, no search.
+    code, out, err = run_cli([*base, "--layer_allocation", "uniform", "--save", str(tmp_path / "u")], capsys)
+    assert code == 0, err
+    assert "trial 0" not in out and json.load(open(tmp_path / "u" / "results_optspa.json"))["search"] is None
+    # N:M is uniform by construction: one line says so, and nothing is searched.
+    code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_type", "2:4",
+                                   "--save", str(tmp_path / "nm")), capsys)
+    assert code == 0, err
+    assert "2:4 sparsity is uniform by construction" in out and "trial 0" not in out
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_search_sparsity_works_with_every_calibrated_method(tiny_llama, data_dir, tmp_path, capsys, method):
+    code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", method, "--sparsity_ratio", "0.5",
+                                   "--search", "sparsity", "--search_granularity", "layer", "--n_trials", "2",
+                                   "--save", str(tmp_path)), capsys)
+    assert code == 0, err
+    res = json.load(open(tmp_path / f"results_{method}.json"))
+    assert res["search"]["shipped"] == ("sequential" if method == "sparsegpt" else res["search"]["shipped"])
+    assert res["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    prof = json.load(open(tmp_path / f"profile_{method}_unstructured_s0.50.json"))
+    assert prof["method"] == method
+
+
+def test_cli_saved_model_scores_the_best_trials_value(tiny_llama, data_dir, tmp_path, capsys):
+    """End to end: the model written by --save_model, reloaded from disk, scores on the search objective
+    exactly the value the results file says was shipped."""
+    from lib.objective import Objective
+
+    code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.6",
+                                   "--n_trials", "4", "--reprune_top", "1", "--save", str(tmp_path / "s"),
+                                   "--save_model", str(tmp_path / "m")), capsys)
+    assert code == 0, err
+    res = json.load(open(tmp_path / "s" / "results_optspa.json"))["search"]
+    lm = load_model(str(tmp_path / "m"), dtype="float32")
+    ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    assert Objective(lm.model, ids, 32, 2, "cpu", False)() == res["shipped_value"]
+    assert res["shipped_value"] <= res["best_value"]
+    # The profile reloads and prunes the same model again (oneshot or sequential, as it was shipped).
+    prof = tmp_path / "s" / "profile_optspa_unstructured_s0.60.json"
+    code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_profile", str(prof),
+                                   "--save_model", str(tmp_path / "m2")), capsys)
+    assert code == 0, err
+    again = load_model(str(tmp_path / "m2"), dtype="float32")
+    assert all(torch.equal(p, q) for p, q in zip(lm.model.parameters(), again.model.parameters()))
+
+
 def test_cli_joint_search_writes_outputs_resumes_and_profile_reloads(tiny_llama, data_dir, tmp_path, capsys):
     save = tmp_path / "s"
     argv = _args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "joint",
-                 "--search_granularity", "layer", "--n_trials", "4", "--save", str(save))
+                 "--search_granularity", "layer", "--n_trials", "4", "--pruner", "none", "--save", str(save))
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
     name = "profile_optspa_unstructured_s0.50_kv7.json"
@@ -183,7 +393,7 @@ def test_cli_joint_search_writes_outputs_resumes_and_profile_reloads(tiny_llama,
     # Same command again: resumes, runs no trial, ends with the same profile.
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
-    assert "4 of 4 trials complete" in out and "trial 4:" not in out
+    assert "4 of 4 trials finished" in out and "trial 4:" not in out
     assert json.load(open(save / name))["sparsity"] == prof["sparsity"]
 
     # Reload without searching: same per-layer sparsity.
@@ -225,22 +435,28 @@ def test_original_fine_profile_loads(tiny_llama, data_dir, tmp_path, capsys):
 
 
 BAD = {
-    "search needs optspa": (["--prune_method", "wanda", "--sparsity_ratio", "0.5", "--search", "sparsity"], "optspa"),
+    "search needs a calibrated method": (["--prune_method", "magnitude", "--sparsity_ratio", "0.5", "--search",
+                                          "sparsity"], "calibrated method"),
     "search needs unstructured": (["--prune_method", "optspa", "--sparsity_type", "2:4", "--search", "joint"], "2:4"),
     "unsupported kv bits": (["--search", "kv", "--kv_bits_choices", "7", "8"], "not supported"),
     "budget outside choices": (["--search", "kv", "--kv_avg_bits", "9"], "kv_avg_bits"),
-    "search without save": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
-                             "--no_save"], "--save"),
-    "zero trials": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity", "--n_trials", "0"],
-                    "n_trials"),
-    "range below step": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
-                          "--sparsity_range", "0.01"], "sparsity_range"),
+    "kv bits with a kv search": (["--search", "kv", "--kv_bits", "4"], "--kv_bits"),
+    "kv profile with a joint search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "joint",
+                                       "--kv_profile", "8x2"], "--kv_profile"),
+    "sparsegpt oneshot trials": (["--prune_method", "sparsegpt", "--sparsity_ratio", "0.5", "--search", "sparsity",
+                                  "--trial_mode", "oneshot"], "sequential"),
+    "search without save": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--no_save"], "--save"),
+    "zero trials": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--n_trials", "0"], "n_trials"),
+    "negative budget": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_budget", "-1"],
+                        "search_budget"),
+    "range below step": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--sparsity_range", "0.01"],
+                         "sparsity_range"),
     "owl without pruning": (["--layer_allocation", "owl"], "owl"),
     "owl with search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
                          "--layer_allocation", "owl"], "owl"),
-    "more blocks than layers": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
-                                 "--num_blocks", "5"], "num_blocks"),
-    "unreachable storage": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
+    "more blocks than layers": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--num_blocks", "5"],
+                                "num_blocks"),
+    "unreachable storage": (["--prune_method", "optspa", "--sparsity_ratio", "0.5",
                              "--storage", "sqlite:////nonexistent/dir/x.db"], "storage"),
 }
 
@@ -260,7 +476,7 @@ def test_bad_search_flags_exit_2_with_one_line(tiny_llama, data_dir, tmp_path, c
 def _worker(tiny_llama, data_dir, save, storage, study, seed):
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), *_args(tiny_llama, data_dir), "--prune_method", "optspa",
            "--sparsity_ratio", "0.5", "--search", "sparsity", "--search_granularity", "module", "--n_trials", "10",
-           "--search_seed", str(seed), "--storage", storage, "--study_name", study, "--save", str(save),
+           "--search_seed", str(seed), "--pruner", "none", "--storage", storage, "--study_name", study, "--save", str(save),
            "--eval_datasets", "wikitext2"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -272,9 +488,9 @@ def test_two_processes_share_one_sqlite_study(tiny_llama, data_dir, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
-    ran = [sum(line.count(" trial ") and ": ppl " in line for line in out.splitlines()) for out, _ in outs]
-    from lib.search import open_storage
+    import re
 
+    ran = [len(re.findall(r"INFO trial \d+: ppl ", out)) for out, _ in outs]
     trials = optuna.load_study(study_name=study, storage=open_storage(storage)).trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert 10 <= len(complete) <= 11 and sum(ran) == len(complete)  # one overshoot possible at the finish
@@ -305,7 +521,7 @@ def test_postgresql_storage_runs_and_resumes(tiny_llama, data_dir, tmp_path, cap
     argv[argv.index("--n_trials") + 1] = "5"
     code, out, err = run_cli(argv, capsys)
     assert code == 0, err
-    assert "3 of 5 trials complete" in out
+    assert "3 of 5 trials finished" in out
     complete = [t for t in optuna.load_study(study_name=study, storage=url).trials if t.state.name == "COMPLETE"]
     assert len(complete) == 5
 
@@ -315,7 +531,8 @@ def test_kl_objective_and_sequential_mode(tiny_llama, data_dir, tmp_path):
                         objective="kl", trial_mode="sequential")
     assert all(t["value"] > 0 for t in r.trials)  # pruning moves the distribution away from the dense one
     assert r.profile.meta["objective"] == "kl" and r.profile.meta["trial_mode"] == "sequential"
-    assert check_sparsity(lm.model)[0] < 0.01
+    assert r.shipped == "sequential" and r.shipped_value == r.best_value
+    assert check_sparsity(lm.model)[0] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_killed_worker_loses_no_completed_trial_and_resume_finishes(tiny_llama, data_dir, tmp_path, capsys):
@@ -327,7 +544,7 @@ def test_killed_worker_loses_no_completed_trial_and_resume_finishes(tiny_llama, 
 
     save = tmp_path / "out"
     extra = ["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity", "--search_granularity",
-             "layer", "--n_trials", "25", "--study_name", "killme", "--save", str(save)]
+             "layer", "--n_trials", "25", "--pruner", "none", "--study_name", "killme", "--save", str(save)]
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), *_args(tiny_llama, data_dir, *extra)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                             env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
@@ -383,30 +600,33 @@ def test_killed_worker_loses_no_completed_trial_and_resume_finishes(tiny_llama, 
 
 def test_objective_uses_what_the_text_holds_and_says_so(tiny_llama, caplog):
     """Asking for more objective windows than the validation text holds evaluates all of them, with a warning."""
-    from lib.search import Objective
+    from lib.objective import Objective
     lm = load_model(tiny_llama, dtype="float32")
     ids = torch.randint(0, lm.model.config.vocab_size, (1, 3 * 32 + 5))
-    with caplog.at_level("WARNING", logger="lib.search"):
+    with caplog.at_level("WARNING", logger="lib.objective"):
         obj = Objective(lm.model, ids, 32, 64, "cpu", False)
     assert obj.nwin == 3 and obj.ids.shape[1] == 96
     assert "holds 3 windows" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="lib.search"):
+    with caplog.at_level("WARNING", logger="lib.objective"):
         assert Objective(lm.model, ids, 32, 2, "cpu", False).nwin == 2
     assert "holds" not in caplog.text
 
 
 def test_sparsity_search_on_an_already_pruned_model_warns(tiny_llama, data_dir, caplog):
     """Trials restore to the weights the search starts from: a pre-pruned start is flagged, a dense one is not."""
+    from lib.objective import Objective
     from lib.search import TrialRunner
+
     lm = load_model(tiny_llama, dtype="float32")
     ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
     cfg = SearchConfig(target=0.5, kind="sparsity", granularity="layer", trial_mode="sequential", save_dir=None)
+    space = SearchSpace(cfg, module_shapes(lm.model), 2)
     with caplog.at_level("WARNING", logger="lib.search"):
-        TrialRunner(lm.model, cfg, None, ids, 32, 1, "cpu", False)
+        TrialRunner(lm.model, cfg, space, None, Objective(lm.model, ids, 32, 1, "cpu", False), "cpu", False)
     assert "already" not in caplog.text
     calib = data.get_calibration("c4", lm.tokenizer, 4, 0, 32, data_dir)
     prune_optspa(lm.model, calib, Profile.uniform(len(lm.model.model.layers), 0.5), SparsityType())
     with caplog.at_level("WARNING", logger="lib.search"):
-        TrialRunner(lm.model, cfg, None, ids, 32, 1, "cpu", False)
+        TrialRunner(lm.model, cfg, space, None, Objective(lm.model, ids, 32, 1, "cpu", False), "cpu", False)
     assert "already 50.0% zeros" in caplog.text

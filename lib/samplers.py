@@ -1,0 +1,206 @@
+"""Optuna samplers and pruners for the search, all through Optuna's own interfaces.
+
+* :class:`TrialSeededSampler` wraps any sampler so that trial ``n`` draws from ``(seed, n)``: one worker is
+  reproducible, and workers sharing a study never repeat each other's random points (trial numbers are
+  unique in a storage). Trial 0 is the uniform allocation, by construction rather than by an enqueue that
+  two workers could both make. Relative samples that repeat an evaluated point are moved by level switches.
+* :class:`LevelSwitchSampler`: an evolutionary sampler in the style of EvoPress. A child is a parent chosen
+  by tournament among the best completed trials with a few level switches (one unit up, another down by the
+  same number of levels; levels are measured in weights, so every switch keeps the budget exact). KV
+  priorities (joint searches) are inherited with a small Gaussian change.
+* Pruners: ``median`` (Optuna's MedianPruner on the running objective), ``halving`` (successive halving),
+  ``none``.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any, Callable
+
+import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+SAMPLERS = ("tpe", "gp", "cmaes", "evolution", "random")
+PRUNERS = ("none", "median", "halving")
+
+
+def _trial_seed(seed: int, number: int) -> int:
+    return (seed * 1_000_003 + number * 7_919 + 17) % (2**31 - 1)
+
+
+class LevelSwitchSampler(BaseSampler):
+    """EvoPress-style evolution over integer levels (see the module docstring)."""
+
+    def __init__(self, bounds: dict[str, tuple[int, int]], seed: int = 0, population: int = 4,
+                 max_switches: int = 3, kv_sigma: float = 0.15):
+        self.bounds = bounds
+        self.population = population
+        self.max_switches = max_switches
+        self.kv_sigma = kv_sigma
+        self._rng = random.Random(seed)
+        self._fallback = optuna.samplers.RandomSampler(seed=seed)
+
+    def reseed_rng(self) -> None:
+        self._rng.seed()
+        self._fallback.reseed_rng()
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return {}  # everything goes through sample_independent, parent by parent
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        return {}
+
+    def _parent(self, study) -> FrozenTrial | None:
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not done:
+            return None
+        done.sort(key=lambda t: t.value)
+        pool = done[: self.population]
+        a, b = self._rng.choice(pool), self._rng.choice(pool)
+        return a if a.value <= b.value else b
+
+    def _child(self, study, trial) -> dict[str, Any]:
+        parent = self._parent(study)
+        if parent is None:
+            return {}
+        child = dict(parent.params)
+        names = [n for n in self.bounds if n in child]
+        for _ in range(self._rng.randint(1, self.max_switches)):
+            if len(names) < 2:
+                break
+            up, down = self._rng.sample(names, 2)
+            room = min(self.bounds[up][1] - child[up], child[down] - self.bounds[down][0])
+            if room > 0:
+                step = self._rng.randint(1, max(1, min(room, 2)))
+                child[up] += step
+                child[down] -= step
+        for n, v in parent.params.items():
+            if n not in self.bounds and isinstance(v, float):
+                child[n] = min(1.0, max(0.0, v + self._rng.gauss(0.0, self.kv_sigma)))
+        return child
+
+    def before_trial(self, study, trial) -> None:
+        # One instance serves one trial (TrialSeededSampler makes a sampler per trial number).
+        self._child_params = self._child(study, trial)
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        child = getattr(self, "_child_params", None) or {}
+        if param_name in child:
+            value = child[param_name]
+            if isinstance(param_distribution, IntDistribution) and \
+                    param_distribution.low <= value <= param_distribution.high:
+                return value
+            if isinstance(param_distribution, FloatDistribution):
+                return min(param_distribution.high, max(param_distribution.low, value))
+        return self._fallback.sample_independent(study, trial, param_name, param_distribution)
+
+
+class TrialSeededSampler(BaseSampler):
+    """Delegates trial ``n`` to ``factory(seed_n)``; trial 0 gets ``fixed`` (the uniform point)."""
+
+    def __init__(self, factory: Callable[[int], BaseSampler], seed: int, fixed: dict[str, Any] | None = None,
+                 repair_key: Callable[[dict[str, Any]], str] | None = None,
+                 switch: Callable[[dict[str, Any], random.Random], dict[str, Any]] | None = None):
+        self.factory, self.seed, self.fixed = factory, seed, fixed or {}
+        self.repair_key, self.switch = repair_key, switch
+        self._cache: dict[int, BaseSampler] = {}
+
+    def _for(self, trial) -> BaseSampler:
+        n = trial.number
+        if n not in self._cache:
+            self._cache = {n: self.factory(_trial_seed(self.seed, n))}  # one live sampler: the current trial
+        return self._cache[n]
+
+    def reseed_rng(self) -> None:  # seeds come from trial numbers
+        pass
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        if trial.number == 0 and self.fixed:
+            return {}
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        params = self._for(trial).sample_relative(study, trial, search_space)
+        if params and self.repair_key is not None and self.switch is not None:
+            seen = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False)
+                    if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)}
+            rng = random.Random(_trial_seed(self.seed, trial.number) + 1)
+            tries = 0
+            while self.repair_key(params) in seen and tries < 50:  # an evaluated point: move it
+                params = self.switch(params, rng)
+                tries += 1
+        return params
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        if trial.number == 0 and param_name in self.fixed:
+            return self.fixed[param_name]
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        if trial.number != 0 or not self.fixed:
+            self._for(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        if trial.number in self._cache:
+            self._cache[trial.number].after_trial(study, trial, state, values)
+
+
+def base_sampler_factory(name: str, uniform: dict[str, Any],
+                         bounds: dict[str, tuple[int, int]]) -> Callable[[int], BaseSampler]:
+    """A factory of the chosen Optuna sampler for one seed."""
+    def make(seed: int) -> BaseSampler:
+        with warnings.catch_warnings():  # multivariate TPE and GP are "experimental"; they work
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if name == "tpe":  # multivariate models the coupled levels; constant liar spreads parallel workers
+                return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                                  n_startup_trials=10)
+            if name == "gp":
+                return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
+            if name == "cmaes":  # its mean starts mid-range: level 0, the uniform allocation
+                return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False)
+            if name == "evolution":
+                return LevelSwitchSampler(bounds, seed=seed)
+            if name == "random":
+                return optuna.samplers.RandomSampler(seed=seed)
+        raise ValueError(f"unknown sampler {name!r}")
+    return make
+
+
+def make_sampler(name: str, seed: int, uniform: dict[str, Any], bounds: dict[str, tuple[int, int]],
+                 repair_key: Callable[[dict[str, Any]], str] | None = None) -> BaseSampler:
+    def switch(params: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        params = dict(params)
+        names = [n for n in bounds if n in params]
+        for _ in range(8):
+            if len(names) < 2:
+                break
+            up, down = rng.sample(names, 2)
+            if params[up] < bounds[up][1] and params[down] > bounds[down][0]:
+                params[up] += 1
+                params[down] -= 1
+                break
+        return params
+
+    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds), seed, fixed=uniform,
+                              repair_key=repair_key, switch=switch)
+
+
+def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
+    """Steps are windows scored; no trial is stopped before a quarter of them (noisy early rungs)."""
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, nwin // 4) - 1)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, nwin // 4), reduction_factor=3)
+    raise ValueError(f"unknown pruner {name!r}")
+
+
+def int_bounds(names: list[str], lo: list[int], hi: list[int]) -> dict[str, tuple[int, int]]:
+    return {n: (a, b) for n, a, b in zip(names, lo, hi)}
+
+
+__all__ = ["SAMPLERS", "PRUNERS", "make_sampler", "make_pruner", "LevelSwitchSampler", "TrialSeededSampler",
+           "int_bounds", "IntDistribution", "FloatDistribution"]

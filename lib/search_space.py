@@ -1,0 +1,395 @@
+"""The search space: settings, searched units, and the map from raw samples to feasible allocations.
+
+Units
+-----
+The decoder linears are grouped into units: ``block`` (``num_blocks`` contiguous layer blocks), ``layer``,
+``module`` (every linear of every layer) or ``block_module`` (a block of layers times a projection type:
+q, k, v, o, gate, up, down). Every linear of a unit gets the unit's ratio.
+
+Levels measured in weights (feasible by construction)
+-----------------------------------------------------
+Each unit ``g`` of ``N_g`` weights gets an integer level ``l_g``; a level is the same number of weights in
+every unit, ``q = step * min_g N_g``, so unit ``g``'s ratio is ``target + l_g * q / N_g`` (the smallest unit
+moves by ``step``, larger ones by proportionally finer ratio steps). Levels are bounded so every ratio stays
+within ``target +- range`` and inside ``[0, 0.99)``. The budget holds exactly when ``sum(l) == 0``: a raw
+sample is repaired by moving every unit's ratio by the same amount (so the shape the sampler proposed is
+kept), then stepping, one level at a time, the unit whose ratio is furthest out on the side of the remaining
+excess back towards the target (always possible: a positive sum has a positive level). The repaired levels
+are what is evaluated and recorded; a feasible point is its own image. A level switch (+1 on one unit, -1 on
+another, as EvoPress moves) keeps the sum and so the budget.
+
+Realized counts: pruning keeps ``int(cols * ratio)`` weights per row, so :func:`realize` turns nominal ratios
+into per-module row counts whose total equals the target's count within half the smallest module's row
+count, stored as per-module overrides so the pruned model, not only the profile, hits the target.
+
+KV bits: each layer (or, with ``kv_separate``, each layer's keys and values) gets a priority in [0, 1] that
+picks a wished-for level; levels are lowered from the lowest priority while the mean is over the budget, and
+raised from the highest priority while a raise still fits.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .models import decoder_layers, find_linears
+from .profile import Profile, block_layers
+
+SEARCH_KINDS = ("sparsity", "kv", "joint")
+GRANULARITIES = ("block", "layer", "module", "block_module")
+TRIAL_MODES = ("oneshot", "sequential")
+OBJECTIVES = ("ppl", "kl")
+SEARCH_METHODS = ("wanda", "optspa", "sparsegpt")
+# Chosen from the range ablation in scripts/bench_search.py (README, "Search results").
+DEFAULT_RANGE = 0.2
+MAX_RATIO = 0.99
+
+Unit = tuple[int, str]  # (decoder layer, module name)
+
+
+class SearchError(ValueError):
+    """A search setting that cannot work (bad space, study mismatch); one line for the user."""
+
+
+@dataclass
+class SearchConfig:
+    target: float
+    kind: str = "sparsity"
+    granularity: str = "block"
+    num_blocks: int = 8
+    sparsity_range: float = DEFAULT_RANGE
+    sparsity_step: float = 0.025
+    kv_bits_choices: tuple[int, ...] = (6, 8)
+    kv_avg_bits: float | None = None  # None: the mean of the lowest and highest choice
+    kv_separate: bool = False  # keys and values get their own bits
+    n_trials: int = 100  # finished trials (complete or pruned)
+    budget_evals: float | None = None  # cap in full objective evaluations
+    seed: int = 0
+    trial_mode: str = "oneshot"
+    method: str = "optspa"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    reprune_top: int = 1
+    objective: str = "ppl"
+    storage: str | None = None  # None: sqlite file in save_dir
+    study_name: str | None = None
+    save_dir: str | None = None
+    batch_size: int = 1
+    blocksize: int = 128  # SparseGPT, for its sequential trials
+    percdamp: float = 0.01
+    heartbeat_seconds: int = 60
+
+    @property
+    def searches_sparsity(self) -> bool:
+        return self.kind in ("sparsity", "joint")
+
+    @property
+    def searches_kv(self) -> bool:
+        return self.kind in ("kv", "joint")
+
+    @property
+    def kv_budget(self) -> float:
+        choices = sorted(self.kv_bits_choices)
+        return self.kv_avg_bits if self.kv_avg_bits is not None else (choices[0] + choices[-1]) / 2
+
+    def check(self) -> None:
+        """Raise :class:`SearchError` for settings that cannot work; needs no model."""
+        from .samplers import PRUNERS, SAMPLERS
+
+        if self.kind not in SEARCH_KINDS:
+            raise SearchError(f"unknown search {self.kind!r} (choose from {', '.join(SEARCH_KINDS)})")
+        if self.granularity not in GRANULARITIES:
+            raise SearchError(f"unknown --search_granularity {self.granularity!r}")
+        if self.trial_mode not in TRIAL_MODES:
+            raise SearchError(f"unknown --trial_mode {self.trial_mode!r}")
+        if self.objective not in OBJECTIVES:
+            raise SearchError(f"unknown --objective {self.objective!r}")
+        if self.sampler not in SAMPLERS:
+            raise SearchError(f"unknown --sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if self.pruner not in PRUNERS:
+            raise SearchError(f"unknown --pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
+        if self.n_trials < 1:
+            raise SearchError("--n_trials must be at least 1")
+        if self.budget_evals is not None and self.budget_evals <= 0:
+            raise SearchError("--search_budget must be positive")
+        if self.searches_sparsity:
+            if self.method not in SEARCH_METHODS:
+                raise SearchError(f"a sparsity search needs a calibrated method ({', '.join(SEARCH_METHODS)})")
+            if not 0 < self.sparsity_step <= 0.5:
+                raise SearchError(f"--sparsity_step {self.sparsity_step} must be in (0, 0.5]")
+            if not 0 <= self.sparsity_range < 1:
+                raise SearchError(f"--sparsity_range {self.sparsity_range} must be in [0, 1)")
+            if 0 < self.sparsity_range + 1e-9 < self.sparsity_step:
+                raise SearchError(f"--sparsity_range {self.sparsity_range} is smaller than --sparsity_step "
+                                  f"{self.sparsity_step}: the grid would hold the target only")
+            if self.method == "sparsegpt" and self.trial_mode == "oneshot":
+                raise SearchError("SparseGPT's trials are sequential (its weight updates depend on the mask)")
+        if self.searches_kv:
+            from .kvquant import SUPPORTED_BITS
+
+            bad = sorted({b for b in self.kv_bits_choices if b not in SUPPORTED_BITS})
+            if bad:
+                raise SearchError(f"--kv_bits_choices {bad} not supported (choose from {list(SUPPORTED_BITS)})")
+            if len(set(self.kv_bits_choices)) < 2:
+                raise SearchError("--kv_bits_choices needs at least two different bit-widths to search")
+            if not min(self.kv_bits_choices) <= self.kv_budget <= max(self.kv_bits_choices):
+                raise SearchError(f"--kv_avg_bits {self.kv_budget:g} is outside the choices' range "
+                                  f"[{min(self.kv_bits_choices)}, {max(self.kv_bits_choices)}]")
+
+
+@dataclass
+class Allocation:
+    """One feasible point: per-unit nominal ratios, per-group levels, and per-layer KV bits."""
+
+    unit_ratio: dict[Unit, float] = field(default_factory=dict)
+    levels: list[int] = field(default_factory=list)
+    key_bits: list[int] | None = None
+    value_bits: list[int] | None = None
+
+    def key(self) -> str:
+        """Identity of the evaluated point (duplicates are detected by it)."""
+        return json.dumps([self.levels, self.key_bits, self.value_bits])
+
+
+def module_shapes(model: nn.Module) -> dict[Unit, tuple[int, int]]:
+    """(rows, cols) of every prunable linear, by (layer, module name)."""
+    return {(i, name): tuple(mod.weight.shape)
+            for i, layer in enumerate(decoder_layers(model)) for name, mod in find_linears(layer).items()}
+
+
+def projection_type(module_name: str) -> str:
+    """``self_attn.q_proj`` -> ``q_proj``: what block_module units group by."""
+    return module_name.rsplit(".", 1)[-1]
+
+
+def make_groups(shapes: dict[Unit, tuple[int, int]], num_layers: int, granularity: str,
+                num_blocks: int) -> tuple[list[str], list[list[Unit]]]:
+    """Names and member modules of the searched units."""
+    by_layer: dict[int, list[Unit]] = {}
+    for unit in shapes:
+        by_layer.setdefault(unit[0], []).append(unit)
+    if granularity == "module":
+        return [f"{i}-{n}" for i, n in shapes], [[u] for u in shapes]
+    if granularity == "layer":
+        return [f"layer{i}" for i in range(num_layers)], [by_layer[i] for i in range(num_layers)]
+    blocks = block_layers(num_layers, num_blocks)
+    if granularity == "block":
+        return ([f"block{b}" for b in range(len(blocks))],
+                [[u for i in layers for u in by_layer[i]] for layers in blocks])
+    names, groups = [], []
+    for b, layers in enumerate(blocks):
+        kinds: dict[str, list[Unit]] = {}
+        for i in layers:
+            for u in by_layer[i]:
+                kinds.setdefault(projection_type(u[1]), []).append(u)
+        for kind, members in kinds.items():
+            names.append(f"block{b}-{kind}")
+            groups.append(members)
+    return names, groups
+
+
+class SearchSpace:
+    """Maps Optuna's raw suggestions onto feasible allocations (see the module docstring)."""
+
+    def __init__(self, cfg: SearchConfig, shapes: dict[Unit, tuple[int, int]], num_layers: int):
+        self.cfg = cfg
+        self.shapes = shapes
+        self.num_layers = num_layers
+        # A KV-only search has no sparsity units to group; per layer keeps the bookkeeping uniform.
+        granularity = cfg.granularity if cfg.searches_sparsity else "layer"
+        self.names, self.groups = make_groups(shapes, num_layers, granularity, cfg.num_blocks)
+        self.weights = [sum(shapes[u][0] * shapes[u][1] for u in g) for g in self.groups]
+        self.quantum = cfg.sparsity_step * min(self.weights)
+        t = cfg.target
+        lo_ratio, hi_ratio = max(0.0, t - cfg.sparsity_range), min(MAX_RATIO, t + cfg.sparsity_range)
+        self.lo = [min(0, math.ceil((lo_ratio - t) * w / self.quantum - 1e-9)) for w in self.weights]
+        self.hi = [max(0, math.floor((hi_ratio - t) * w / self.quantum + 1e-9)) for w in self.weights]
+        self.kv_choices = sorted(set(cfg.kv_bits_choices))
+        self.kv_budget = cfg.kv_budget
+        self.kv_slots = (2 if cfg.kv_separate else 1) * num_layers
+
+    def fingerprint(self) -> str:
+        """Identifies the space and the model's module shapes, so a resumed or shared study with other
+        settings or another model is refused instead of mixed."""
+        shapes = hashlib.sha256(json.dumps(sorted((f"{i}-{n}", s) for (i, n), s in self.shapes.items()))
+                                .encode()).hexdigest()[:12]
+        desc = {"kind": self.cfg.kind, "target": round(self.cfg.target, 6), "groups": self.names,
+                "levels": [self.lo, self.hi], "quantum": self.quantum, "shapes": shapes, "method": self.cfg.method,
+                "kv": [self.kv_choices, self.kv_budget, self.cfg.kv_separate] if self.cfg.searches_kv else None,
+                "mode": self.cfg.trial_mode, "objective": self.cfg.objective}
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------ raw -> feasible
+    def offset(self, g: int, level: int) -> float:
+        return level * self.quantum / self.weights[g]
+
+    def _clip(self, g: int, v: float) -> int:
+        return min(max(int(round(v)), self.lo[g]), self.hi[g])
+
+    def repair(self, raw: list[int]) -> list[int]:
+        """Levels summing to zero (the exact budget): first every unit's ratio moves by the same amount (the
+        sample's shape is kept), then the rounding remainder is taken from the most extreme units."""
+        levels = [self._clip(g, v) for g, v in enumerate(raw)]
+        excess = sum(levels)
+        if excess == 0:
+            return levels
+        total = sum(self.weights)
+        levels = [self._clip(g, v - excess * w / total) for g, (v, w) in enumerate(zip(levels, self.weights))]
+        excess = sum(levels)
+        if excess == 0:
+            return levels
+        sign = 1 if excess > 0 else -1
+        # Max-heap of signed ratio offsets among the units on the excess side (ties: lower index first).
+        heap = [(-sign * self.offset(g, v), g) for g, v in enumerate(levels) if sign * v > 0]
+        heapq.heapify(heap)
+        while excess != 0:
+            _, g = heapq.heappop(heap)
+            levels[g] -= sign
+            excess -= sign
+            if sign * levels[g] > 0:
+                heapq.heappush(heap, (-sign * self.offset(g, levels[g]), g))
+        return levels
+
+    def ratios(self, levels: list[int]) -> list[float]:
+        return [self.cfg.target + self.offset(g, v) for g, v in enumerate(levels)]
+
+    def kv_from_priorities(self, prio: list[float]) -> list[int]:
+        n = len(self.kv_choices)
+        level = [min(int(p * n), n - 1) for p in prio]
+        budget_total = self.kv_budget * len(level) + 1e-9
+        total = sum(self.kv_choices[lv] for lv in level)
+        order = sorted(range(len(prio)), key=lambda i: (prio[i], -i))  # lowest priority first
+        for i in order:
+            while total > budget_total and level[i] > 0:
+                total += self.kv_choices[level[i] - 1] - self.kv_choices[level[i]]
+                level[i] -= 1
+        for i in reversed(order):  # highest priority first: spend what is left
+            while level[i] < n - 1 and total - self.kv_choices[level[i]] + self.kv_choices[level[i] + 1] <= budget_total:
+                total += self.kv_choices[level[i] + 1] - self.kv_choices[level[i]]
+                level[i] += 1
+        return [self.kv_choices[lv] for lv in level]
+
+    def split_kv(self, bits: list[int] | None) -> tuple[list[int] | None, list[int] | None]:
+        if bits is None:
+            return None, None
+        if self.cfg.kv_separate:
+            return bits[: self.num_layers], bits[self.num_layers:]
+        return list(bits), list(bits)
+
+    def allocation(self, levels: list[int] | None, kv_bits: list[int] | None = None) -> Allocation:
+        """The feasible allocation of per-group levels (raw or repaired: repair is idempotent); ``kv_bits``
+        per KV slot (layers, or keys then values)."""
+        levels = self.repair(levels) if levels is not None else [0] * len(self.groups)
+        key_bits, value_bits = self.split_kv(kv_bits)
+        alloc = Allocation(levels=levels, key_bits=key_bits, value_bits=value_bits)
+        for g, ratio in enumerate(self.ratios(levels)):
+            for u in self.groups[g]:
+                alloc.unit_ratio[u] = ratio
+        return alloc
+
+    def param_names(self) -> list[str]:
+        return [f"s_{name}" for name in self.names]
+
+    def kv_param_names(self) -> list[str]:
+        if self.cfg.kv_separate:
+            return [f"kvk_{i}" for i in range(self.num_layers)] + [f"kvv_{i}" for i in range(self.num_layers)]
+        return [f"kv_{i}" for i in range(self.num_layers)]
+
+    def suggest(self, trial) -> Allocation:
+        levels = kv_bits = None
+        if self.cfg.searches_sparsity:
+            levels = [trial.suggest_int(n, lo, hi) for n, lo, hi in zip(self.param_names(), self.lo, self.hi)]
+        if self.cfg.searches_kv:
+            kv_bits = self.kv_from_priorities([trial.suggest_float(n, 0.0, 1.0) for n in self.kv_param_names()])
+        return self.allocation(levels, kv_bits)
+
+    def uniform_params(self) -> dict[str, Any]:
+        """Raw parameters of the uniform allocation (trial 0, so the search never ends worse than uniform)."""
+        params: dict[str, Any] = {}
+        if self.cfg.searches_sparsity:
+            params.update({n: 0 for n in self.param_names()})
+        if self.cfg.searches_kv:
+            params.update({n: 0.5 for n in self.kv_param_names()})
+        return params
+
+    def mean_sparsity(self, alloc: Allocation) -> float:
+        total = sum(r * c for r, c in self.shapes.values())
+        return sum(alloc.unit_ratio[u] * r * c for u, (r, c) in self.shapes.items()) / total
+
+    def count_bounds(self) -> dict[Unit, tuple[int, int]]:
+        """Per module, the fewest and most pruned columns per row any feasible trial can ask for (the
+        realized count may move one column past the nominal one)."""
+        bounds = {}
+        for g, members in enumerate(self.groups):
+            rmin, rmax = self.cfg.target + self.offset(g, self.lo[g]), self.cfg.target + self.offset(g, self.hi[g])
+            for u in members:
+                cols = self.shapes[u][1]
+                bounds[u] = (max(0, int(cols * rmin) - 1), min(cols, int(cols * rmax) + 2))
+        return bounds
+
+
+# ----------------------------------------------------------------------------------------- realization
+def realize(shapes: dict[Unit, tuple[int, int]], ratios: dict[Unit, float], target: float) -> dict[Unit, int]:
+    """Per-row pruned counts per module whose total equals ``target`` of all weights as closely as the row
+    granularity allows, each within one row-step of its nominal ``cols * ratio`` (rounded)."""
+    k = {u: int(round(shapes[u][1] * ratios[u])) for u in shapes}
+    goal = int(round(target * sum(r * c for r, c in shapes.values())))
+    deficit = goal - sum(shapes[u][0] * k[u] for u in shapes)
+    order = sorted(shapes, key=lambda u: (-shapes[u][0], u))  # big steps first, fine ones last
+    changed = True
+    while deficit and changed:
+        changed = False
+        for u in order:
+            rows, cols = shapes[u]
+            step = 1 if deficit > 0 else -1
+            new = k[u] + step
+            if abs(deficit - step * rows) < abs(deficit) and 0 <= new < cols \
+                    and abs(new - cols * ratios[u]) <= 1.0 + 1e-9:
+                k[u] = new
+                deficit -= step * rows
+                changed = True
+    return k
+
+
+def count_ratio(k: int, cols: int) -> float:
+    """A short ratio that ``int(cols * ratio)`` maps back to exactly ``k``."""
+    for digits in (3, 4, 5, 6):
+        r = round(k / cols, digits)
+        if int(cols * r) == k:
+            return r
+    return round((k + 0.5) / cols, 6)  # mid-step: safe from float round-off
+
+
+def realized_sparsity(shapes: dict[Unit, tuple[int, int]], counts: dict[Unit, int]) -> float:
+    return sum(shapes[u][0] * counts[u] for u in shapes) / sum(r * c for r, c in shapes.values())
+
+
+def realized_profile(model: nn.Module, ratios: dict[Unit, float], target: float, **kw) -> Profile:
+    """A profile whose per-module overrides prune exactly the realized counts (see :func:`realize`)."""
+    shapes = module_shapes(model)
+    counts = realize(shapes, ratios, target)
+    num_layers = len(decoder_layers(model))
+    per_layer = []
+    for i in range(num_layers):
+        units = [u for u in shapes if u[0] == i]
+        numel = sum(shapes[u][0] * shapes[u][1] for u in units)
+        per_layer.append(round(sum(ratios[u] * shapes[u][0] * shapes[u][1] for u in units) / numel, 6))
+    module: dict[int, dict[str, float]] = {}
+    for (i, name), kk in counts.items():
+        cols = shapes[(i, name)][1]
+        if int(cols * per_layer[i]) == kk and abs(ratios[(i, name)] - per_layer[i]) < 1e-9:
+            continue  # the layer ratio already prunes this count: no override, a readable profile
+        module.setdefault(i, {})[name] = count_ratio(kk, cols)
+    prof = Profile(num_layers=num_layers, sparsity=per_layer, module_sparsity=module, target_sparsity=target, **kw)
+    prof.meta["realized_sparsity"] = realized_sparsity(shapes, counts)
+    return prof
+
+
+def profile_counts(profile: Profile, shapes: dict[Unit, tuple[int, int]]) -> dict[Unit, int]:
+    """Pruned columns per row that ``profile`` asks of each module (what prune_mask does with its ratio)."""
+    return {u: int(shapes[u][1] * profile.ratio(*u)) for u in shapes}

@@ -1,0 +1,117 @@
+"""Where a search study lives: Optuna storages (RDB with heartbeats, or a journal file), the study's name,
+and the fingerprints that keep a resumed or shared study from mixing incomparable trials."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .search_space import SearchConfig, SearchError
+
+
+def storage_url(cfg: SearchConfig) -> str:
+    if cfg.storage:
+        return cfg.storage
+    if not cfg.save_dir:
+        raise SearchError("the search needs --save (its study database lives there) or --storage")
+    os.makedirs(cfg.save_dir, exist_ok=True)
+    return "sqlite:///" + os.path.abspath(os.path.join(cfg.save_dir, "search.db"))
+
+
+def open_storage(url: str, heartbeat_seconds: int = 60):
+    """RDB URL (sqlite/postgresql/mysql, with heartbeats so a killed worker's trial is retried), or an Optuna
+    journal file (``journal:PATH`` or a path ending in .log/.journal) for shared filesystems."""
+    import optuna
+
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = url[len("journal:"):] if url.startswith("journal:") else url
+        return JournalStorage(JournalFileBackend(path))
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and have been for years
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        except Exception as exc:  # sqlalchemy/driver errors: unreachable server, missing driver
+            # Workers started together race to create the schema (table exists, duplicate alembic version):
+            # the loser's retry finds it made. A missing driver will not appear by waiting.
+            if "import" not in str(exc).lower() and attempt < 3:
+                time.sleep(0.5 + attempt)
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "import" in first.lower() and url.startswith("postgresql"):
+                first += ' (pip install "psycopg[binary]", or psycopg2-binary with a postgresql+psycopg2:// URL)'
+            raise SearchError(f"cannot open study storage {url.split('@')[-1]}: {first}") from exc
+    raise AssertionError("unreachable")
+
+
+def scoring_fingerprint(model: nn.Module, objective_ids: torch.Tensor, seqlen: int, objective_nsamples: int,
+                        calib: list[torch.Tensor] | None, kv_kwargs: dict[str, Any] | None,
+                        trial_kv: Any = None) -> str:
+    """What a trial's value depends on besides its parameters: the objective windows actually scored, the
+    calibration windows, the KV quantizer settings (and fixed KV bits of a sparsity search) and the weights'
+    dtype. A study refuses trials scored
+    on anything else, so a resumed or shared study never mixes values that are not comparable."""
+    h = hashlib.sha256()
+    nwin = max(0, min(objective_nsamples, objective_ids.numel() // seqlen))
+    h.update(objective_ids[:, : nwin * seqlen].contiguous().cpu().numpy().tobytes())
+    for window in calib or []:
+        h.update(window.contiguous().cpu().numpy().tobytes())
+    dtype = next(model.parameters()).dtype
+    h.update(json.dumps({"seqlen": seqlen, "windows": nwin, "calib": len(calib or []), "kv": kv_kwargs or {},
+                         "dtype": str(dtype), "trial_kv": trial_kv}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def default_study_name(cfg: SearchConfig, model_name: str) -> str:
+    base = os.path.basename(os.path.normpath(model_name)) or model_name
+    name = f"optspa-{base}-{cfg.kind}-{cfg.granularity}-s{cfg.target:.2f}"
+    if cfg.searches_sparsity and cfg.method != "optspa":
+        name += f"-{cfg.method}"
+    if cfg.searches_kv:
+        name += f"-kv{cfg.kv_budget:g}"
+    return name
+
+
+def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, scoring: str, model_name: str,
+               sampler, pruner):
+    """Create or load the study and refuse one made with another space, model or scoring data."""
+    import logging
+
+    import optuna
+
+    log = logging.getLogger(__name__)
+    storage = open_storage(url, cfg.heartbeat_seconds)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own log line per trial says more
+    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction="minimize", load_if_exists=True)
+    where = url.split("@")[-1]
+    have = study.user_attrs.get("space")
+    if have is not None and have != space_fingerprint:
+        raise SearchError(f"study '{name}' in {where} was created with other search settings or another model's "
+                          "module shapes; pass another --study_name")
+    have_scoring = study.user_attrs.get("scoring")
+    if have_scoring is not None and have_scoring != scoring:
+        raise SearchError(f"study '{name}' in {where} was scored on other data (objective windows, calibration, "
+                          "KV settings or dtype); use the same flags or another --study_name")
+    if have_scoring is None:
+        if study.trials:
+            log.warning("study '%s' does not record what its trials were scored on; assuming the same data", name)
+        study.set_user_attr("scoring", scoring)
+    if have is None:
+        study.set_user_attr("space", space_fingerprint)
+        study.set_user_attr("target_sparsity", cfg.target)
+        study.set_user_attr("model", model_name)
+        study.set_user_attr("search", cfg.kind)
+        study.set_user_attr("method", cfg.method)
+    return study
