@@ -164,7 +164,13 @@ def load_model(name: str, *, cache_dir: str | None = None, dtype: str = "auto", 
 def save_pretrained_as_loaded(loaded: LoadedModel, folder: str) -> None:
     """``save_pretrained`` of the (pruned) model as the checkpoint was: its dtype (``auto`` computed a bf16
     checkpoint in float32 on the CPU; it goes back as bf16, zeros stay zeros) and its config, without the
-    runtime settings of this run (``use_cache: false``). Moves the model to the CPU in that dtype."""
+    runtime settings of this run (``use_cache: false``). Moves the model to the CPU in that dtype.
+    An original LLaVA checkpoint goes back in its own format (lib.llava_original.save_original)."""
+    if loaded.original_llava is not None:
+        from . import llava_original
+
+        llava_original.save_original(loaded.model, loaded.original_llava, folder)
+        return
     model = loaded.model
     model.to("cpu")
     if loaded.save_dtype is not None and next(model.parameters()).dtype != loaded.save_dtype:
