@@ -60,7 +60,7 @@ class SearchError(ValueError):
 class SearchConfig:
     target: float
     kind: str = "sparsity"
-    granularity: str = "block"
+    granularity: str = "layer"
     num_blocks: int = 8
     sparsity_range: float = DEFAULT_RANGE
     sparsity_step: float = 0.025

@@ -1,19 +1,30 @@
-"""Benchmark the layer-wise allocations on a real model: uniform Wanda, uniform Optspa metric, OWL, TPE search
-(block, layer and module granularity) and a joint sparsity + KV-bits search; WikiText-2 *test* perplexity of each,
-search objective on WikiText-2 *validation*. Also: oneshot vs sequential trial cost and rank agreement.
+"""Benchmark the layer-wise allocations on a real model, one resumable cell at a time.
 
-    python scripts/bench_search.py --model ../shared/testbed/llama-c4-5m --data_dir ../shared/testbed/data \\
-        --out scripts/results/search_cpu.json --readme README.md --profiles_dir profiles
+Cells (each a JSON file under ``--cells_dir/<model>/``, written when it finishes; an existing cell is never
+recomputed, so an interrupted run resumes where it stopped and targets can run one at a time):
 
-Results are written after every measurement (atomically), so an interrupted run keeps what it finished.
+* ``dense``; ``uniform-{wanda,optspa,sparsegpt}-s{target}``; ``owl-{wanda,optspa}-s{target}``;
+* ``search-{base}-s{target}-{variant}``: the search run as ``main.py --prune_method {base}`` runs it (oneshot
+  trials for wanda/optspa, then the shipped model), with the variant's range / unit / sampler / objective.
+
+Every cell reports WikiText-2 *test* perplexity (Wanda's protocol, all windows) and C4 validation perplexity
+(held-out documents: with ``--split_c4`` the testbed's C4 sample is split into calibration documents and
+validation documents, which never overlap). Searches are scored on WikiText-2 *validation* windows only.
+
+    python scripts/bench_search.py --model ~/.cache/optspa-testbed/smollm2-135m --data_dir ../shared/testbed/data \\
+        --split_c4 --targets 0.7 --cells uniform owl search --threads 2
+    python scripts/bench_search.py --model ... --publish README.md --profiles_dir profiles   # tables only
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import logging
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -21,297 +32,383 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
-from lib import data  # noqa: E402
-from lib.eval import eval_ppl  # noqa: E402
-from lib.io import write_json, write_text  # noqa: E402
-from lib.kvquant import KVQuantConfig, kv_dims, simulate_kv_quant  # noqa: E402
-from lib.models import decoder_layers, load_model  # noqa: E402
-from lib.owl import DEFAULT_LAMBDA, DEFAULT_M, owl_profile  # noqa: E402
-from lib.profile import Profile  # noqa: E402
-from lib.prune import check_sparsity, prune_optspa, prune_wanda  # noqa: E402
-from lib.search import (DenseSnapshot, SearchConfig, SearchSpace, TrialRunner, dense_input_stats,  # noqa: E402
-                        module_shapes, run_search)
-from lib.profile import profile_filename  # noqa: E402
-from lib.sparsity import SparsityType  # noqa: E402
-
 logger = logging.getLogger("bench_search")
-MARK_START, MARK_END = "<!-- bench_search:start -->", "<!-- bench_search:end -->"
-PROFILES_START, PROFILES_END = "<!-- profiles:start -->", "<!-- profiles:end -->"
+DEFAULT_VARIANT = {"range": 0.2, "granularity": "layer", "sampler": "tpe", "objective": "ppl", "pruner": "median"}
+VARIANTS = {  # the ablations that choose the defaults
+    "default": {},
+    "r0.05": {"range": 0.05}, "r0.1": {"range": 0.1}, "r0.3": {"range": 0.3},
+    "block": {"granularity": "block"}, "block_module": {"granularity": "block_module"},
+    "module": {"granularity": "module"},
+    "gp": {"sampler": "gp"}, "cmaes": {"sampler": "cmaes"}, "evolution": {"sampler": "evolution"},
+    "kl": {"objective": "kl"}, "nopruner": {"pruner": "none"},
+}
+
+
+def machine(threads: int | None) -> str:
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{threads or torch.get_num_threads()} threads")
+
+
+def split_c4(data_dir: str, work: str, val_docs: int) -> str:
+    """A --data_dir whose c4 train shard is the sample minus its last ``val_docs`` documents and whose
+    validation shard is those documents (never used for calibration)."""
+    out = os.path.join(work, "data")
+    os.makedirs(os.path.join(out, "c4"), exist_ok=True)
+    for name in ("wikitext-2-raw-v1", "wikitext-2-v1"):
+        if os.path.isdir(os.path.join(data_dir, name)) and not os.path.exists(os.path.join(out, name)):
+            os.symlink(os.path.abspath(os.path.join(data_dir, name)), os.path.join(out, name))
+    src = sorted(glob.glob(os.path.join(data_dir, "c4", "*.json*")))[0]
+    lines = [line for line in open(src, encoding="utf-8") if line.strip()]
+    with open(os.path.join(out, "c4", "c4-train.sample.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(lines[:-val_docs])
+    with open(os.path.join(out, "c4", "c4-validation.sample.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(lines[-val_docs:])
+    return out
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+
+        from lib import data
+        from lib.models import default_seqlen, load_model
+        from lib.oneshot import DenseSnapshot
+
+        self.args = args
+        self.tag = os.path.basename(os.path.normpath(args.model))
+        self.dir = os.path.join(args.cells_dir, self.tag)
+        os.makedirs(self.dir, exist_ok=True)
+        self.work = tempfile.mkdtemp(prefix="bench-search-")
+        self.data_dir = split_c4(args.data_dir, self.work, args.c4_val_docs) if args.split_c4 else args.data_dir
+        lm = load_model(args.model, dtype="float32")
+        self.model, self.tok = lm.model, lm.tokenizer
+        self.seqlen = default_seqlen(self.model, args.seqlen)
+        self.snapshot = DenseSnapshot(self.model)
+        self.test_ids = data.get_eval_tokens("wikitext2", self.tok, self.data_dir, "test", self.seqlen)
+        self.c4_ids = data.get_eval_tokens("c4", self.tok, self.data_dir, "validation", self.seqlen)
+        self.val_ids = data.get_eval_tokens("wikitext2", self.tok, self.data_dir, "validation", self.seqlen)
+        self.calib = data.get_calibration("c4", self.tok, args.nsamples, args.seed, self.seqlen, self.data_dir)
+        self.kl_ids = torch.cat(data.get_calibration("c4", self.tok, args.objective_nsamples, args.seed + 1,
+                                                     self.seqlen, self.data_dir), dim=1)
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def cell(self, name: str, fn) -> dict:
+        from lib.io import write_json
+
+        path = os.path.join(self.dir, f"{name}.json")
+        if os.path.exists(path):
+            return json.load(open(path, encoding="utf-8"))
+        logger.info("cell %s", name)
+        self.snapshot.restore()
+        self.kv = None  # the KV quantization the evaluation simulates (set by KV cells)
+        t0 = time.perf_counter()
+        res = fn()
+        res.update({"cell": name, "seconds": time.perf_counter() - t0, "machine": machine(self.args.threads),
+                    "nsamples": self.args.nsamples, "seqlen": self.seqlen})
+        res.update(self.evaluate())
+        write_json(path, res)
+        logger.info("cell %s: wikitext2 test %.3f, c4 val %.3f", name, res["wikitext2_test"], res["c4_val"])
+        return res
+
+    def evaluate(self) -> dict:
+        from lib.kvquant import simulate_kv_quant
+
+        with simulate_kv_quant(self.model, self.kv):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
+        from lib.eval import eval_ppl
+        from lib.prune import check_sparsity
+
+        total = self.test_ids.numel() // self.seqlen
+        return {"wikitext2_test": eval_ppl(self.model, self.test_ids, self.seqlen, desc="wikitext2 test",
+                                           max_windows=self.args.test_windows),
+                "test_windows": min(total, self.args.test_windows or total), "test_windows_total": total,
+                "c4_val": eval_ppl(self.model, self.c4_ids, self.seqlen, desc="c4 val",
+                                   max_windows=self.args.c4_windows),
+                "c4_windows": min(self.args.c4_windows, self.c4_ids.numel() // self.seqlen),
+                "actual_sparsity": check_sparsity(self.model)[0]}
+
+    def prune(self, method: str, profile) -> dict:
+        from lib.prune import prune_magnitude, prune_optspa, prune_sparsegpt, prune_wanda
+        from lib.sparsity import SparsityType
+
+        pat = SparsityType()
+        fn = {"wanda": prune_wanda, "optspa": prune_optspa, "sparsegpt": prune_sparsegpt}.get(method)
+        res = prune_magnitude(self.model, profile, pat) if fn is None else fn(self.model, self.calib, profile, pat)
+        return {"calib_seconds": res.calib_seconds, "prune_seconds": res.prune_seconds}
+
+    def uniform(self, method: str, target: float) -> dict:
+        from lib.models import decoder_layers
+        from lib.profile import Profile
+
+        return {"allocation": "uniform", "method": method, "target": target,
+                **self.prune(method, Profile.uniform(len(decoder_layers(self.model)), target))}
+
+    def owl(self, method: str, target: float) -> dict:
+        from lib.oneshot import dense_input_stats
+        from lib.owl import DEFAULT_LAMBDA, DEFAULT_M, owl_profile
+
+        prof = owl_profile(self.model, dense_input_stats(self.model, self.calib, "cpu"), target)
+        self.snapshot.restore()
+        return {"allocation": "owl", "method": method, "target": target, "owl_lambda": DEFAULT_LAMBDA,
+                "owl_m": DEFAULT_M, "layer_sparsity": prof.sparsity, **self.prune(method, prof)}
+
+    def search(self, method: str, target: float, variant: str) -> dict:
+        from lib.profile import profile_filename
+        from lib.search import run_search
+        from lib.search_space import SearchConfig
+        from lib.io import write_json
+
+        v = {**DEFAULT_VARIANT, **VARIANTS[variant]}
+        a = self.args
+        num_layers = self.model.config.num_hidden_layers
+        cfg = SearchConfig(target=target, kind="sparsity", granularity=v["granularity"],
+                           num_blocks=min(8, max(1, num_layers // 2)), sparsity_range=v["range"],
+                           n_trials=a.n_trials, budget_evals=a.budget, seed=a.seed, method=method,
+                           sampler=v["sampler"], pruner=v["pruner"], reprune_top=a.reprune_top,
+                           objective=v["objective"], save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
+                           trial_mode="sequential" if method == "sparsegpt" else "oneshot")
+        ids = self.kl_ids if v["objective"] == "kl" else self.val_ids
+        r = run_search(self.model, cfg, calib=self.calib, objective_ids=ids, seqlen=self.seqlen,
+                       objective_nsamples=a.objective_nsamples, model_name=self.tag, progress=False)
+        complete = [t for t in r.trials if t["state"] == "COMPLETE"]
+        secs = [t["trial_seconds"] for t in complete if t["trial_seconds"] and t["windows"]]
+        evals = [t["eval_seconds"] for t in complete if t["eval_seconds"] and t["windows"]]
+        uniform_val = next((t["value"] for t in r.trials if t["number"] == 0), None)
+        out = {"allocation": "search", "method": method, "target": target, "variant": variant, **v,
+               "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
+                          "objective_windows": a.objective_nsamples, "uniform_value": uniform_val,
+                          "s_per_trial": sum(secs) / len(secs) if secs else None,
+                          "s_per_eval": sum(evals) / len(evals) if evals else None},
+               "layer_sparsity": r.profile.sparsity}
+        if a.profiles_dir and variant == "default":
+            r.profile.meta.update({"command": " ".join(sys.argv), "storage": None,
+                                   "bench_cell": f"search-{method}-s{target:.2f}-{variant}"})
+            name = f"{self.tag}_" + profile_filename(method, "unstructured", target)
+            write_json(os.path.join(a.profiles_dir, name), r.profile.to_dict())
+        return out
+
+
+    # ------------------------------------------------------------------ KV bits (dense or pruned weights)
+    def kv_cfg(self, key_bits: list[int], value_bits: list[int]):
+        from lib.kvquant import KVQuantConfig
+
+        return KVQuantConfig(key_bits=list(key_bits), value_bits=list(value_bits))
+
+    def kv_uniform(self, bits: int) -> dict:
+        n = self.model.config.num_hidden_layers
+        self.kv = self.kv_cfg([bits] * n, [bits] * n)
+        return {"allocation": "kv-uniform", "method": "dense", "target": 0.0, "kv_avg_bits": float(bits),
+                "key_bits": self.kv.key_bits, "value_bits": self.kv.value_bits}
+
+    def kv_two_level(self, lo: int, hi: int) -> dict:
+        """The best two-level split at the budget (lo + hi) / 2, chosen on the search objective (validation)."""
+        from lib.kvquant import simulate_kv_quant
+        from lib.objective import Objective
+
+        n = self.model.config.num_hidden_layers
+        half = n // 2
+        splits = {"K hi / V lo": ([hi] * n, [lo] * n), "K lo / V hi": ([lo] * n, [hi] * n),
+                  "first half hi": ([hi] * half + [lo] * (n - half),) * 2,
+                  "second half hi": ([lo] * half + [hi] * (n - half),) * 2}
+        obj = Objective(self.model, self.val_ids, self.seqlen, self.args.objective_nsamples, "cpu", False)
+        scores = {}
+        for name, (k, v) in splits.items():
+            with simulate_kv_quant(self.model, self.kv_cfg(k, v)):
+                scores[name] = obj()
+        best = min(scores, key=scores.get)
+        self.kv = self.kv_cfg(*splits[best])
+        return {"allocation": "kv-two-level", "method": "dense", "target": 0.0, "kv_avg_bits": (lo + hi) / 2,
+                "split": best, "validation": scores, "key_bits": self.kv.key_bits, "value_bits": self.kv.value_bits}
+
+    def kv_search(self, method: str, target: float, avg: float, choices: list[int]) -> dict:
+        from lib.search import run_search
+        from lib.search_space import SearchConfig
+
+        a = self.args
+        kind = "kv" if target == 0 else "joint"
+        cfg = SearchConfig(target=target, kind=kind, granularity="layer", sparsity_range=DEFAULT_VARIANT["range"],
+                           kv_bits_choices=tuple(choices), kv_avg_bits=avg, kv_separate=True, n_trials=a.n_trials,
+                           budget_evals=a.budget, seed=a.seed, method=method, reprune_top=a.reprune_top,
+                           save_dir=os.path.join(self.work, f"{kind}-{method}-{target}-{avg}"))
+        r = run_search(self.model, cfg, calib=self.calib, objective_ids=self.val_ids, seqlen=self.seqlen,
+                       objective_nsamples=a.objective_nsamples, model_name=self.tag, progress=False)
+        self.kv = self.kv_cfg(r.profile.key_bits, r.profile.value_bits)
+        return {"allocation": f"{kind}-search", "method": method if kind == "joint" else "dense", "target": target,
+                "kv_avg_bits": avg, "kv_choices": choices, "key_bits": r.profile.key_bits,
+                "value_bits": r.profile.value_bits, "layer_sparsity": r.profile.sparsity,
+                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
+                           "objective_windows": a.objective_nsamples, "s_per_eval": None}}
+
+
+# ----------------------------------------------------------------------------------------- tables
+def load_cells(cells_dir: str, tag: str) -> dict[str, dict]:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(cells_dir, tag, "*.json"))):
+        out[os.path.basename(path)[:-5]] = json.load(open(path, encoding="utf-8"))
+    return out
+
+
+def gap_closed(cells: dict, row: dict) -> float | None:
+    """Share of the uniform-to-dense WikiText-2 test gap that ``row`` closes against uniform, same method."""
+    dense = cells.get("dense")
+    uni = cells.get(f"uniform-{row['method']}-s{row['target']:.2f}")
+    if dense is None or uni is None or uni["wikitext2_test"] <= dense["wikitext2_test"]:
+        return None
+    return (uni["wikitext2_test"] - row["wikitext2_test"]) / (uni["wikitext2_test"] - dense["wikitext2_test"])
+
+
+def markdown(cells: dict, tag: str) -> str:
+    if not cells:
+        return f"No cells measured yet for `{tag}`."
+    any_cell = next(iter(cells.values()))
+    tw = sorted({(c["test_windows"], c["test_windows_total"]) for c in cells.values()})
+    tw_text = ", ".join("all" if a == b else f"the first {a} of {b}" for a, b in tw)
+    c4w = ", ".join(str(w) for w in sorted({c["c4_windows"] for c in cells.values()}))
+    lines = [f"Model `{tag}`; c4 calibration, {any_cell['nsamples']} windows of {any_cell['seqlen']}; WikiText-2 test "
+             f"perplexity ({tw_text} windows, Wanda's protocol) and C4 validation perplexity ({c4w} windows of "
+             f"held-out documents); machine: {any_cell['machine']}.", "",
+             "| target | allocation (method) | WikiText-2 test | C4 val | actual sparsity | gap closed vs uniform | "
+             "search: full evals (trials done/stopped) | s / full eval | search memory / linears | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    if "dense" in cells:
+        d = cells["dense"]
+        lines.append(f"| - | dense | {d['wikitext2_test']:.2f} | {d['c4_val']:.2f} | {d['actual_sparsity']:.4f} "
+                     f"|  |  |  |  |  |")
+    order = {"uniform": 0, "owl": 1, "search": 2, "kv-uniform": 3, "kv-two-level": 4, "kv-search": 5,
+             "joint-search": 6}
+    rows = [c for k, c in cells.items() if k != "dense"]
+    rows.sort(key=lambda c: (c["target"], order[c["allocation"]], c["method"], c.get("variant", "")))
+    for c in rows:
+        name = {"uniform": "uniform", "owl": "OWL"}.get(c["allocation"])
+        if c["allocation"].startswith(("kv", "joint")):
+            name = {"kv-uniform": f"KV uniform {c['kv_avg_bits']:g} bits",
+                    "kv-two-level": f"KV two-level ({c.get('split')}), avg {c['kv_avg_bits']:g}",
+                    "kv-search": f"KV search, K and V per layer, avg {c['kv_avg_bits']:g}",
+                    "joint-search": f"joint sparsity + KV search, avg {c['kv_avg_bits']:g} bits"}[c["allocation"]]
+        if c["allocation"] == "search":
+            name = (f"search {c['variant']} ({c['granularity']}, +-{c['range']:g}, {c['sampler']}, "
+                    f"{c['objective']}, shipped {c['search']['shipped']})")
+        gap = gap_closed(cells, c) if c["allocation"] in ("uniform", "owl", "search") else None
+        s = c.get("search")
+        cost = f"{s['cost_evals']:.1f} ({s['complete_trials']}/{s['pruned_trials']})" if s else ""
+        per_eval = f"{s['s_per_eval']:.1f}" if s and s.get("s_per_eval") else ""
+        mem = (f"{s['memory']['band_ratio']:.2f}x band + {s['memory']['total_ratio'] - s['memory']['band_ratio']:.2f}x "
+               "host copy") if s else ""
+        lines.append(f"| {c['target']:.2f} | {name} ({c['method']}) | {c['wikitext2_test']:.2f} | {c['c4_val']:.2f} | "
+                     f"{c['actual_sparsity']:.4f} | {'' if gap is None else f'{gap:.3f}'} | {cost} | {per_eval} | "
+                     f"{mem} | {c['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
+    """One row per shipped profile, with the measured numbers of the benchmark cell that wrote it."""
+    lines = ["| file | model | method | target | unit, range | shipped | WikiText-2 test | uniform (same method) | "
+             "gap closed |", "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(glob.glob(os.path.join(profiles_dir, "*.json"))):
+        prof = json.load(open(path, encoding="utf-8"))
+        meta = prof.get("meta") or {}
+        tag = os.path.basename(prof.get("model") or "")
+        cells = load_cells(cells_dir, tag)
+        cell = cells.get(meta.get("bench_cell", ""), {})
+        uni = cells.get(f"uniform-{prof.get('method')}-s{prof.get('target_sparsity', 0):.2f}", {})
+        gap = gap_closed(cells, cell) if cell else None
+        lines.append(
+            f"| `{os.path.basename(path)}` | {tag} | {prof.get('method')} | {prof.get('target_sparsity'):.2f} | "
+            f"{meta.get('granularity')}, +-{meta.get('sparsity_range')} | {meta.get('shipped')} | "
+            f"{cell.get('wikitext2_test', float('nan')):.2f} | {uni.get('wikitext2_test', float('nan')):.2f} | "
+            f"{'' if gap is None else f'{gap:.3f}'} |")
+    return "\n".join(lines)
+
+
+def replace_section(path: str, text: str, name: str) -> None:
+    from lib.io import write_text
+
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = open(path, encoding="utf-8").read()
+    if start in doc:
+        doc = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _m: f"{start}\n{text}\n{end}", doc, flags=re.S)
+    else:
+        doc += f"\n{start}\n{text}\n{end}\n"
+    write_text(path, doc)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=os.path.join(ROOT, "..", "shared", "testbed", "llama-c4-5m"))
+    p.add_argument("--model", required=True)
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "testbed", "data"))
-    p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "search_cpu.json"))
-    p.add_argument("--readme", default=None, help="replace the bench_search section of this markdown file")
-    p.add_argument("--profiles_dir", default=None,
-                   help="also write the searched profiles here, and their table into its README.md")
-    p.add_argument("--work_dir", default=None, help="study databases (default: a temporary folder)")
-    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6])
-    p.add_argument("--n_trials", type=int, default=50)
-    p.add_argument("--granularities", nargs="+", default=["block", "layer", "module"],
-                   choices=["block", "layer", "module"], help="sparsity searches to run per target")
-    p.add_argument("--num_blocks", type=int, default=None,
-                   help="blocks of the block searches (default min(8, layers // 2): the original's 8 on 32-layer "
-                        "models, 4 blocks of 2 layers on the 8-layer testbed, so block and layer differ)")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (c4)")
-    p.add_argument("--objective_nsamples", type=int, default=64, help="WikiText-2 validation windows per trial")
-    p.add_argument("--kv_avg_bits", type=float, default=7.0)
-    p.add_argument("--joint_target", type=float, default=0.5)
-    p.add_argument("--seq_compare", type=int, default=8, help="trials re-scored in sequential mode")
+    p.add_argument("--cells_dir", default=os.path.join(ROOT, "scripts", "results", "search"))
+    p.add_argument("--split_c4", action="store_true", help="hold out the last --c4_val_docs c4 documents")
+    p.add_argument("--c4_val_docs", type=int, default=380)
+    p.add_argument("--c4_windows", type=int, default=64, help="C4 validation windows scored (Wanda: 256)")
+    p.add_argument("--test_windows", type=int, default=None,
+                   help="score only the first N WikiText-2 test windows (default: all; the table says how many)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.6, 0.5])
+    p.add_argument("--cells", nargs="+", default=["dense", "uniform", "owl", "search"])
+    p.add_argument("--methods", nargs="+", default=["optspa", "wanda"], help="bases of uniform/OWL/search cells")
+    p.add_argument("--uniform_methods", nargs="+", default=["optspa", "wanda", "sparsegpt"])
+    p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--objective_nsamples", type=int, default=16)
+    p.add_argument("--n_trials", type=int, default=200)
+    p.add_argument("--budget", type=float, default=150.0, help="full objective evaluations per search")
+    p.add_argument("--reprune_top", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max_test_windows", type=int, default=None, help="evaluate only the first N test windows (CPU time); default all")
-    p.add_argument("--table_only", action="store_true", help="print (and --readme) the table of an existing --out")
+    p.add_argument("--kv_avg", type=float, default=3.0, help="KV cells: average bits (keys and values)")
+    p.add_argument("--kv_choices", type=int, nargs="+", default=[2, 3, 4, 6, 8])
+    p.add_argument("--profiles_dir", default=None)
+    p.add_argument("--publish", default=None, help="write the table into this markdown file and exit")
     args = p.parse_args()
-    if args.table_only:
-        import json
-
-        publish(json.load(open(args.out, encoding="utf-8")), args)
+    tag = os.path.basename(os.path.normpath(args.model))
+    if args.publish:
+        replace_section(args.publish, markdown(load_cells(args.cells_dir, tag), tag), f"bench_search_{tag}")
+        if args.profiles_dir:
+            replace_section(os.path.join(args.profiles_dir, "README.md"),
+                            profiles_markdown(args.profiles_dir, args.cells_dir), "profiles")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    for noisy in ("transformers", "lib.eval", "lib.kvquant"):
+    for noisy in ("transformers", "lib.eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    work = args.work_dir or tempfile.mkdtemp(prefix="bench_search_")
-    os.makedirs(work, exist_ok=True)
-
-    t_start = time.perf_counter()
-    lm = load_model(args.model, dtype="float32")
-    model, tok = lm.model, lm.tokenizer
-    seqlen = int(model.config.max_position_embeddings)
-    calib = data.get_calibration("c4", tok, args.nsamples, args.seed, seqlen, args.data_dir)
-    val_ids = data.get_eval_tokens("wikitext2", tok, args.data_dir, "validation", seqlen)
-    test_ids = data.get_eval_tokens("wikitext2", tok, args.data_dir, "test", seqlen)
-    num_layers = len(decoder_layers(model))
-    num_blocks = args.num_blocks or max(1, min(8, num_layers // 2))
-    snapshot = DenseSnapshot(model)
-    dense_stats = dense_input_stats(model, calib, "cpu")
-    group = KVQuantConfig.uniform(8, num_layers).group_size
-    kv_group = group if kv_dims(model)[2] % group == 0 else kv_dims(model)[2]
-    res: dict = {"model": os.path.basename(os.path.normpath(args.model)), "seqlen": seqlen,
-                 "calibration": f"c4, {args.nsamples} windows, seed {args.seed}",
-                 "objective": f"WikiText-2 validation perplexity, {args.objective_nsamples} windows of {seqlen}",
-                 "report": "WikiText-2 test perplexity, Wanda's protocol, " + (
-                     "all windows" if args.max_test_windows is None else f"first {args.max_test_windows} windows"),
-                 "n_trials": args.n_trials, "machine": f"{platform.processor() or platform.machine()}, "
-                 f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                 "rows": [], "search": [], "modes": None}
-
-    def save() -> None:
-        res["total_seconds"] = time.perf_counter() - t_start
-        write_json(args.out, res)
-
-    def test_ppl(kv_bits: list[int] | None = None) -> float:
-        cfg = None if kv_bits is None else KVQuantConfig(kv_bits, kv_bits, group_size=kv_group)
-        with simulate_kv_quant(model, cfg):
-            return eval_ppl(model, test_ids, seqlen, "cpu", desc="wikitext2 test", max_windows=args.max_test_windows)
-
-    def row(target: float, name: str, prof: Profile | None, ppl: float, kv: list[int] | None = None, **extra):
-        actual = check_sparsity(model)[0]
-        r = {"target": target, "allocation": name, "actual_sparsity": round(actual, 5), "ppl_test": round(ppl, 3),
-             "layer_sparsity": prof.sparsity if prof else None, "kv_bits": kv, **extra}
-        res["rows"].append(r)
-        logger.info("RESULT %.2f %-28s sparsity %.4f test ppl %.3f", target, name, actual, ppl)
-        save()
-
-    def search(target: float, kind: str, gran: str) -> tuple[Profile, dict]:
-        cfg = SearchConfig(target=target, kind=kind, granularity=gran, num_blocks=num_blocks,
-                           n_trials=args.n_trials, seed=args.seed, kv_avg_bits=args.kv_avg_bits,
-                           save_dir=os.path.join(work, f"{kind}_{gran}_{target:.2f}"))
-        snapshot.restore()  # every search starts from the dense weights, as in a fresh main.py run
-        r = run_search(model, cfg, calib=calib, objective_ids=val_ids, seqlen=seqlen,
-                       objective_nsamples=args.objective_nsamples, model_name=res["model"], progress=False,
-                       kv_kwargs={"group_size": kv_group})
-        done = [t for t in r.trials if t["state"] == "COMPLETE"]
-        per_trial = sum(t["trial_seconds"] for t in done) / len(done)
-        per_eval = sum(t["eval_seconds"] for t in done) / len(done)
-        info = {"target": target, "search": kind, "granularity": gran, "num_blocks": num_blocks, "trials": len(done),
-                "wall_seconds": round(r.seconds, 1), "trial_seconds": round(per_trial, 3),
-                "eval_seconds": round(per_eval, 3), "trial_over_eval": round(per_trial / per_eval, 3),
-                "wasted_fraction": r.wasted_fraction, "best_val_ppl": round(r.best_value, 3),
-                "uniform_val_ppl": round(done[0]["value"], 3),
-                "max_sparsity_error": max(abs(t["realized_sparsity"] - target) for t in done)
-                if kind != "kv" else None,
-                "max_kv_avg": max(t["kv_avg_bits"] for t in done) if kind != "sparsity" else None,
-                "study": r.study_name, "storage": r.storage, "dir": cfg.save_dir, "trials_values": [t["value"] for t in done]}
-        res["search"].append(info)
-        r.profile.model = "llama-c4-5m (testbed)"
-        if args.profiles_dir:
-            os.makedirs(args.profiles_dir, exist_ok=True)
-            fname = profile_filename("optspa", "unstructured", target,
-                                     args.kv_avg_bits if kind == "joint" else None)
-            fname = fname.replace(".json", f"_{gran}{num_blocks if gran == 'block' else ''}.json")
-            write_json(os.path.join(args.profiles_dir, f"testbed_{fname}"), r.profile.to_dict())
-        return r.profile, info
-
-    pattern = SparsityType()
-    for target in args.targets:
-        uniform = Profile.uniform(num_layers, target)
-        snapshot.restore()
-        prune_wanda(model, calib, uniform, pattern)
-        row(target, "uniform (wanda)", uniform, test_ppl())
-        snapshot.restore()
-        prune_optspa(model, calib, uniform, pattern)
-        uniform_ppl = test_ppl()
-        row(target, "uniform (optspa)", uniform, uniform_ppl)
-        snapshot.restore()
-        owl_prof = owl_profile(model, dense_stats, target, DEFAULT_LAMBDA, DEFAULT_M)
-        prune_optspa(model, calib, owl_prof, pattern)
-        row(target, f"OWL (optspa, lambda {DEFAULT_LAMBDA}, M {DEFAULT_M:g})", owl_prof, test_ppl())
-        for gran in args.granularities:
-            prof, info = search(target, "sparsity", gran)
-            snapshot.restore()
-            prune_optspa(model, calib, prof, pattern)
-            ppl = test_ppl()
-            info["ppl_test"] = round(ppl, 3)
-            info["gain_vs_uniform_pct"] = round(100 * (uniform_ppl - ppl) / uniform_ppl, 2)
-            row(target, f"TPE {grain(gran, num_blocks)} (optspa)", prof, ppl, search_seconds=info["wall_seconds"])
-            if target == args.targets[0] and gran == args.granularities[0] and args.seq_compare:
-                snapshot.restore()
-                res["modes"] = compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers)
-                res["modes"]["study"] = f"{target:.0%} {grain(gran, num_blocks)}"
-                save()
-
-    # Joint sparsity + KV at an average bit budget, against uniform sparsity with the budget split in halves.
-    target = args.joint_target
-    snapshot.restore()
-    prune_optspa(model, calib, Profile.uniform(num_layers, target), pattern)
-    half = [8] * (num_layers // 2) + [6] * (num_layers - num_layers // 2)
-    row(target, f"uniform (optspa) + KV 8/6 halves (avg {sum(half) / num_layers:g})", None, test_ppl(half), half)
-    prof, info = search(target, "joint", "block")  # sparsity per block, KV bits per layer
-    snapshot.restore()
-    prune_optspa(model, calib, prof, pattern)
-    ppl = test_ppl(prof.key_bits)
-    info["ppl_test"] = round(ppl, 3)
-    row(target, f"TPE joint {grain('block', num_blocks)} + KV per layer (avg {args.kv_avg_bits:g})", prof, ppl,
-        prof.key_bits,
-        search_seconds=info["wall_seconds"])
-    snapshot.restore()
-    save()
-    publish(res, args)
+    bench = Bench(args)
+    try:
+        if "dense" in args.cells:
+            bench.cell("dense", lambda: {"allocation": "dense", "method": "dense", "target": 0.0})
+        for t in args.targets:
+            if "uniform" in args.cells:
+                for m in args.uniform_methods:
+                    bench.cell(f"uniform-{m}-s{t:.2f}", lambda m=m: bench.uniform(m, t))
+            if "owl" in args.cells:
+                for m in args.methods:
+                    bench.cell(f"owl-{m}-s{t:.2f}", lambda m=m: bench.owl(m, t))
+            if "search" in args.cells:
+                for variant in args.variants:
+                    for m in args.methods:
+                        bench.cell(f"search-{m}-s{t:.2f}-{variant}", lambda m=m, v=variant: bench.search(m, t, v))
+        if "kv" in args.cells:  # KV bits where allocation matters: average args.kv_avg over the choices
+            lo, hi = int(args.kv_avg) - 1, int(args.kv_avg) + 1
+            bench.cell(f"kv-uniform{int(args.kv_avg)}", lambda: bench.kv_uniform(int(args.kv_avg)))
+            bench.cell(f"kv-two-level{lo}-{hi}", lambda: bench.kv_two_level(lo, hi))
+            bench.cell(f"kv-search-avg{args.kv_avg:g}", lambda: bench.kv_search("dense", 0.0, args.kv_avg,
+                                                                                args.kv_choices))
+        if "joint" in args.cells:
+            for t in args.targets:
+                for m in args.methods:
+                    bench.cell(f"joint-{m}-s{t:.2f}-kv{args.kv_avg:g}",
+                               lambda m=m, t=t: bench.kv_search(m, t, args.kv_avg, args.kv_choices))
+    finally:
+        bench.close()
     return 0
-
-
-def publish(res: dict, args) -> None:
-    """Print the tables; write them into --readme and --profiles_dir/README.md when given."""
-    table = markdown(res)
-    print(table)
-    if args.readme:
-        replace_section(args.readme, table)
-    if args.profiles_dir:
-        write_profiles_table(args.profiles_dir, res)
-
-
-def grain(gran: str, num_blocks: int | None) -> str:
-    return f"block x{num_blocks}" if gran == "block" and num_blocks else gran
-
-
-def compare_modes(model, calib, val_ids, seqlen, args, target, info, num_layers) -> dict:
-    """Re-score the first trials of a oneshot study with sequential (Wanda-style) pruning."""
-    import optuna
-    from scipy.stats import spearmanr
-
-    cfg = SearchConfig(target=target, kind="sparsity", granularity=info["granularity"], num_blocks=info["num_blocks"],
-                       trial_mode="sequential", save_dir=None)
-    runner = TrialRunner(model, cfg, calib, val_ids, seqlen, args.objective_nsamples, "cpu", False)
-    space = SearchSpace(cfg, module_shapes(model), num_layers)
-    study = optuna.load_study(study_name=info["study"], storage=info["storage"])
-    pairs = []
-    for t in [t for t in study.trials if t.state.name == "COMPLETE"][: args.seq_compare]:
-        value, _, times = runner.evaluate(space.allocation(t.user_attrs["offsets"]))
-        pairs.append({"trial": t.number, "oneshot": t.value, "sequential": value,
-                      "oneshot_seconds": t.user_attrs["trial_seconds"], "sequential_seconds": times["trial_seconds"],
-                      "sequential_eval_seconds": times["eval_seconds"]})
-        logger.info("trial %d: oneshot %.3f sequential %.3f (%.1f s)", t.number, t.value, value,
-                    times["trial_seconds"])
-    runner.restore()
-    rho = spearmanr([p["oneshot"] for p in pairs], [p["sequential"] for p in pairs]).statistic if len(pairs) > 2 else None
-    return {"target": target, "pairs": pairs, "spearman": None if rho is None else round(float(rho), 3),
-            "oneshot_trial_seconds": round(sum(p["oneshot_seconds"] for p in pairs) / max(len(pairs), 1), 3),
-            "sequential_trial_seconds": round(sum(p["sequential_seconds"] for p in pairs) / max(len(pairs), 1), 3),
-            "eval_seconds": round(sum(p["sequential_eval_seconds"] for p in pairs) / max(len(pairs), 1), 3)}
-
-
-def markdown(res: dict) -> str:
-    lines = [f"Model `{res['model']}`; calibration {res['calibration']}; search objective: {res['objective']}; "
-             f"reported: {res['report']}. {res['n_trials']} TPE trials per search (trial 0 is the uniform "
-             f"allocation). Machine: {res['machine']}.", "",
-             "| target | allocation | actual sparsity | WikiText-2 test ppl | vs uniform optspa | search wall s |",
-             "|---|---|---|---|---|---|"]
-    base = {r["target"]: r["ppl_test"] for r in res["rows"] if r["allocation"] == "uniform (optspa)"}
-    for r in res["rows"]:
-        b = base.get(r["target"])
-        rel = f"{100 * (r['ppl_test'] - b) / b:+.1f}%" if b and "KV" not in r["allocation"] else ""
-        lines.append(f"| {r['target']:.2f} | {r['allocation']} | {r['actual_sparsity']:.4f} | {r['ppl_test']:.2f} | "
-                     f"{rel} | {r.get('search_seconds', '')} |")
-    lines += ["", "| search | target | trials | wasted | max \\|sparsity - target\\| | max KV avg | s/trial | "
-              "s/objective eval | trial / eval | best val ppl (uniform val ppl) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in res["search"]:
-        err = "" if s["max_sparsity_error"] is None else f"{s['max_sparsity_error']:.5f}"
-        kv = "" if s["max_kv_avg"] is None else f"{s['max_kv_avg']:g}"
-        lines.append(f"| {s['search']} {grain(s['granularity'], s.get('num_blocks'))} | {s['target']:.2f} | {s['trials']} | "
-                     f"{s['wasted_fraction']:.0%} | {err} | {kv} | {s['trial_seconds']:.2f} | {s['eval_seconds']:.2f} | "
-                     f"{s['trial_over_eval']:.2f}x | {s['best_val_ppl']:.2f} ({s['uniform_val_ppl']:.2f}) |")
-    m = res.get("modes")
-    if m:
-        study = m.get("study", f"{res['search'][0]['target']:.0%} block")  # older result files lack the key
-        lines += ["", f"Trial modes on the first {len(m['pairs'])} trials of the {study} study: oneshot "
-                  f"{m['oneshot_trial_seconds']:.2f} s/trial, sequential (Wanda-style recalibration per trial) "
-                  f"{m['sequential_trial_seconds']:.2f} s/trial; Spearman rank correlation of their objective "
-                  f"values {m['spearman']}."]
-    lines.append(f"\nTotal benchmark wall time {res.get('total_seconds', 0) / 60:.1f} min.")
-    return "\n".join(lines)
-
-
-def profiles_markdown(profiles_dir: str, res: dict) -> str:
-    """Table of the profiles in profiles_dir that this result file measured (matched by target, search kind and
-    granularity), with the test perplexity of each and of its uniform baseline."""
-    import glob
-    import json
-
-    lines = ["| file | search | target | granularity | test ppl | uniform baseline test ppl |", "|---|---|---|---|---|---|"]
-    rows = res["rows"]
-    for path in sorted(glob.glob(os.path.join(profiles_dir, "*.json"))):
-        prof = json.load(open(path, encoding="utf-8"))
-        meta = prof.get("meta", {})
-        kind, gran, target = meta.get("search"), meta.get("granularity"), prof.get("target_sparsity")
-        match = [s for s in res["search"] if s["search"] == kind and s["granularity"] == gran
-                 and s.get("num_blocks", meta.get("num_blocks")) == meta.get("num_blocks")
-                 and abs(s["target"] - target) < 1e-9 and "ppl_test" in s]
-        if not match:
-            continue
-        if kind == "joint":
-            base = [r for r in rows if r["target"] == target and r["allocation"].startswith("uniform (optspa) + KV")]
-            what = f"sparsity + KV bits {{{', '.join(map(str, sorted(set(prof['kv_bits']['key']))))}}}, " \
-                   f"{meta.get('kv_avg_bits'):g}-bit average"
-            base_name = "uniform optspa, KV 8/6 halves"
-        else:
-            base = [r for r in rows if r["target"] == target and r["allocation"] == "uniform (optspa)"]
-            what, base_name = kind, "uniform optspa"
-        grouping = f"{meta.get('num_blocks')} blocks" if gran == "block" else f"per {gran}"
-        b = f"{base[0]['ppl_test']:.2f} ({base_name})" if base else ""
-        lines.append(f"| `{os.path.basename(path)}` | {what} | {target:.0%} | {grouping} | {match[0]['ppl_test']:.2f} | {b} |")
-    return "\n".join(lines)
-
-
-def write_profiles_table(profiles_dir: str, res: dict) -> None:
-    readme = os.path.join(profiles_dir, "README.md")
-    if os.path.exists(readme):
-        replace_section(readme, profiles_markdown(profiles_dir, res), PROFILES_START, PROFILES_END)
-
-
-def replace_section(path: str, table: str, start: str = MARK_START, end: str = MARK_END) -> None:
-    text = open(path, encoding="utf-8").read()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} has no {start} ... {end} section")
-    new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: f"{start}\n{table}\n{end}", text, flags=re.S)
-    write_text(path, new)
 
 
 if __name__ == "__main__":

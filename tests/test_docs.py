@@ -32,17 +32,20 @@ def test_readme_prune_table_is_the_scripts_output():
     assert _section(os.path.join(ROOT, "README.md"), "bench_prune") == bench.table(out["results"]) + "\n\n" + bench.footnote(out)
 
 
+SEARCH_CELLS = os.path.join(ROOT, "scripts", "results", "search_quick")
+
+
 def test_readme_search_table_is_the_scripts_output():
     bench = _script("bench_search")
-    res = _results("search_cpu.json")
-    assert _section(os.path.join(ROOT, "README.md"), "bench_search") == bench.markdown(res)
+    tag = "smollm2-135m"
+    assert _section(os.path.join(ROOT, "README.md"), f"bench_search_{tag}") == \
+        bench.markdown(bench.load_cells(SEARCH_CELLS, tag), tag)
 
 
 def test_profiles_table_lists_every_shipped_profile_with_its_measured_ppl():
     bench = _script("bench_search")
-    res = _results("search_cpu.json")
     profiles = os.path.join(ROOT, "profiles")
     table = _section(os.path.join(profiles, "README.md"), "profiles")
-    assert table == bench.profiles_markdown(profiles, res)
+    assert table == bench.profiles_markdown(profiles, SEARCH_CELLS)
     shipped = sorted(f for f in os.listdir(profiles) if f.endswith(".json"))
     assert [line.split("`")[1] for line in table.splitlines()[2:]] == shipped

@@ -454,8 +454,8 @@ BAD = {
     "owl without pruning": (["--layer_allocation", "owl"], "owl"),
     "owl with search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
                          "--layer_allocation", "owl"], "owl"),
-    "more blocks than layers": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--num_blocks", "5"],
-                                "num_blocks"),
+    "more blocks than layers": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
+                                 "block", "--num_blocks", "5"], "num_blocks"),
     "unreachable storage": (["--prune_method", "optspa", "--sparsity_ratio", "0.5",
                              "--storage", "sqlite:////nonexistent/dir/x.db"], "storage"),
 }
