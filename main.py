@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger("optspa")
 
@@ -30,6 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lib.prune import METHODS
+    from lib.samplers import PRUNERS, SAMPLERS
+    from lib.search_space import DEFAULT_RANGE, GRANULARITIES
 
     p = _Parser(prog="main.py", description="Post-training pruning and KV-cache compression for LLaMA/LLaVA models.")
     p.add_argument("--model", required=True, help="hub id or local directory (LLaMA-family causal LM, LLaVA-1.5/1.6)")
@@ -62,34 +66,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_blocks", type=int, default=None,
                    help="how many contiguous layer blocks an original-format block profile describes, and the "
                         "blocks of --search_granularity block (default 8, capped at the layer count)")
-    s = p.add_argument_group("layer-wise allocation and search (lib/search.py, lib/owl.py)")
-    s.add_argument("--search", default=None, choices=["sparsity", "kv", "joint"],
-                   help="Optuna TPE search of per-layer sparsity (--prune_method optspa), per-layer KV bits (any "
-                        "method), or both; without it optspa prunes with the uniform --sparsity_ratio")
-    s.add_argument("--search_granularity", default="block", choices=["block", "layer", "module"],
-                   help="search one ratio per layer block (--num_blocks), per layer or per linear (default block)")
-    s.add_argument("--sparsity_range", type=float, default=0.05, help="ratios searched within target +- this (0.05)")
-    s.add_argument("--sparsity_step", type=float, default=0.025, help="grid step of searched ratios (0.025)")
+    s = p.add_argument_group("layer-wise allocation and search (lib/search.py and friends, lib/owl.py)")
+    s.add_argument("--search", default=None, choices=["sparsity", "kv", "joint", "none"],
+                   help="Optuna search of per-unit sparsity (any calibrated method), per-layer KV bits (any method), "
+                        "or both. Default: --prune_method optspa searches sparsity (the paper's method), every "
+                        "other method prunes uniformly; 'none' never searches")
+    s.add_argument("--search_granularity", default="layer", choices=list(GRANULARITIES),
+                   help="one ratio per layer block (--num_blocks), per layer, per linear (module), or per block "
+                        "and projection type (block_module: q, k, v, o, gate, up, down) (default layer)")
+    s.add_argument("--sparsity_range", type=float, default=DEFAULT_RANGE,
+                   help=f"ratios searched within target +- this, clipped to [0, 0.99) (default {DEFAULT_RANGE})")
+    s.add_argument("--sparsity_step", type=float, default=0.025,
+                   help="ratio step of the smallest unit; larger units step by the same number of weights, so "
+                        "every move keeps the budget exact (default 0.025)")
     s.add_argument("--kv_bits_choices", type=int, nargs="+", default=[6, 8], help="KV bit-widths per layer (6 8)")
     s.add_argument("--kv_avg_bits", type=float, default=None,
                    help="KV average-bits budget (default: midway between the lowest and highest choice)")
-    s.add_argument("--n_trials", type=int, default=50, help="completed trials the study should hold (default 50)")
+    s.add_argument("--kv_separate", action="store_true",
+                   help="search key and value bits separately (2 x layers parameters under one average)")
+    s.add_argument("--n_trials", type=int, default=100,
+                   help="finished trials (complete or stopped early) the study should hold (default 100)")
+    s.add_argument("--search_budget", type=float, default=None,
+                   help="stop once the study has spent this many full objective evaluations (trials stopped early "
+                        "count by the windows they scored); default: no cap besides --n_trials")
+    s.add_argument("--sampler", default="tpe", choices=list(SAMPLERS),
+                   help="Optuna sampler: tpe (default, as the paper), gp, cmaes, evolution (EvoPress-style level "
+                        "switches), random")
+    s.add_argument("--pruner", default="median", choices=list(PRUNERS),
+                   help="Optuna pruner that stops hopeless trials from their running objective (default median)")
     s.add_argument("--search_seed", type=int, default=None,
-                   help="TPE sampler seed (default --seed); give workers sharing a study different ones")
-    s.add_argument("--trial_mode", default="oneshot", choices=["oneshot", "sequential"],
-                   help="oneshot: metric from dense activations once, each trial thresholds and evaluates; "
-                        "sequential: Wanda-style recalibration per trial (default oneshot)")
+                   help="sampler seed (default --seed); every trial draws from (seed, trial number), so workers "
+                        "sharing a study never repeat each other's points")
+    s.add_argument("--trial_mode", default="auto", choices=["auto", "oneshot", "sequential"],
+                   help="oneshot: scores from dense activations once, each trial thresholds; sequential: "
+                        "layer-by-layer recalibration per trial; auto: oneshot, sequential for sparsegpt")
+    s.add_argument("--reprune_top", type=int, default=1,
+                   help="after the search, re-prune the best K profiles sequentially, score them on the same "
+                        "objective and ship one only if it beats the best trial (default 1; 0 = off)")
     s.add_argument("--objective", default="ppl", choices=["ppl", "kl"],
-                   help="trial score: validation perplexity, or KL divergence to the dense model's logits")
-    s.add_argument("--objective_dataset", default="wikitext2", choices=["wikitext2", "c4"],
-                   help="validation text of the trial objective (never the test split; default wikitext2)")
-    s.add_argument("--objective_nsamples", type=int, default=64, help="seqlen windows of validation text per objective evaluation (64)")
+                   help="trial score: validation perplexity (default, the paper's), or KL divergence to the dense "
+                        "model's next-token distribution on calibration text (streamed window by window)")
+    s.add_argument("--objective_dataset", default=None, choices=["wikitext2", "c4"],
+                   help="objective text: default wikitext2 validation for ppl, calibration-dataset text "
+                        "(fresh windows) for kl; never a test split")
+    s.add_argument("--objective_nsamples", type=int, default=64,
+                   help="seqlen windows of objective text per evaluation (64)")
     s.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by workers (postgresql://, mysql://, sqlite:///, or a journal "
                         "file: journal:PATH / *.log); default sqlite file search.db in --save")
     s.add_argument("--study_name", default=None, help="study name (default from model, search, granularity, target)")
-    s.add_argument("--layer_allocation", default="uniform", choices=["uniform", "owl"],
-                   help="non-searched per-layer allocation: uniform, or OWL (outlier-weighted)")
+    s.add_argument("--layer_allocation", default=None, choices=["uniform", "owl"],
+                   help="a non-searched per-layer allocation: uniform (for optspa: the metric without the search, "
+                        "the ablation), or OWL (outlier-weighted)")
     s.add_argument("--owl_lambda", type=float, default=0.08, help="OWL: ratios within target +- lambda (0.08)")
     s.add_argument("--owl_m", type=float, default=5.0, help="OWL: outlier = score above M x layer mean (5)")
     k = p.add_argument_group("KV-cache quantization (lib/kvquant.py), simulated during evaluation")
@@ -139,6 +167,8 @@ def validate(args) -> "SparsityType":
         raise UsageError("--use_variant is for unstructured sparsity (Wanda's variant has no N:M form)")
     if args.masks is not None and args.prune_method != "dense":
         raise UsageError("--masks reapplies saved masks; do not combine it with --prune_method")
+    if args.masks is not None and args.sparsity_profile is not None:
+        raise UsageError("--masks reapplies saved masks; do not combine it with --sparsity_profile")
     if args.nsamples < 1:
         raise UsageError("--nsamples must be at least 1")
     if args.seqlen is not None and args.seqlen < 2:
@@ -163,37 +193,75 @@ def validate(args) -> "SparsityType":
     return pattern
 
 
+def resolve_search(args, pattern) -> None:
+    """Fill in what the search flags mean when not given (before anything is loaded).
+
+    ``--prune_method optspa`` is "search, then prune", as in the original tool, unless a profile, masks, an
+    explicit ``--layer_allocation`` or ``--search none`` says otherwise; N:M patterns are uniform by
+    construction. ``--trial_mode auto`` is oneshot except for SparseGPT, whose weight updates depend on the mask.
+    """
+    if args.search == "none":
+        args.search = None
+    elif args.search is None and args.prune_method == "optspa" and args.sparsity_profile is None and \
+            args.masks is None and args.layer_allocation is None:
+        if pattern.structured:
+            logger.info("%s sparsity is uniform by construction: pruning with the Optspa metric, no search", pattern)
+        else:
+            args.search = "sparsity"
+            logger.info("--prune_method optspa: searching the sparsity allocation, then pruning with the best "
+                        "profile (--layer_allocation uniform prunes with the uniform metric instead)")
+    if args.layer_allocation is None:
+        args.layer_allocation = "uniform"
+    if args.trial_mode == "auto":
+        args.trial_mode = "sequential" if args.prune_method == "sparsegpt" else "oneshot"
+    if args.objective_dataset is None:
+        args.objective_dataset = args.calib_dataset if args.objective == "kl" else "wikitext2"
+
+
 def search_config(args, target: float):
-    from lib.search import SearchConfig
+    from lib.search_space import SearchConfig
 
     return SearchConfig(
         target=target, kind=args.search, granularity=args.search_granularity, num_blocks=args.num_blocks or 8,
         sparsity_range=args.sparsity_range, sparsity_step=args.sparsity_step,
-        kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, n_trials=args.n_trials,
+        kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, kv_separate=args.kv_separate,
+        n_trials=args.n_trials, budget_evals=args.search_budget,
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
+        method=args.prune_method, sampler=args.sampler, pruner=args.pruner, reprune_top=args.reprune_top,
         objective=args.objective, storage=args.storage, study_name=args.study_name, save_dir=args.save,
-        batch_size=args.eval_batch_size)
+        batch_size=args.eval_batch_size, blocksize=args.blocksize, percdamp=args.percdamp)
 
 
 def validate_search(args, pattern) -> None:
     """Search and OWL flag combinations that cannot work; raises UsageError before any loading."""
-    from lib.search import SearchError
+    from lib.search_space import SearchError
 
+    resolve_search(args, pattern)
     if args.search in ("sparsity", "joint"):
-        if args.prune_method != "optspa":
-            raise UsageError(f"--search {args.search} searches optspa sparsity; use --prune_method optspa "
-                             "(--search kv works with any method)")
+        if args.prune_method not in ("wanda", "optspa", "sparsegpt"):
+            raise UsageError(f"--search {args.search} needs a calibrated method (--prune_method wanda, optspa or "
+                             "sparsegpt); --search kv works with any method")
         if pattern.structured:
             raise UsageError(f"--search {args.search} needs unstructured sparsity ({pattern} is uniform by construction)")
         if args.sparsity_profile is not None:
             raise UsageError(f"--search {args.search} finds a profile; do not combine it with --sparsity_profile")
         if args.layer_allocation != "uniform":
             raise UsageError(f"--layer_allocation {args.layer_allocation} is a non-searched baseline; drop it or --search")
+        if args.use_variant:
+            raise UsageError("--use_variant sets its own per-row ratios; it cannot follow a searched profile")
+        if args.prune_method == "sparsegpt" and args.trial_mode == "oneshot":
+            raise UsageError("SparseGPT's weight updates depend on the mask: its trials are sequential "
+                             "(--trial_mode sequential or auto)")
+    if args.search in ("kv", "joint") and (args.kv_bits is not None or args.kv_profile is not None):
+        raise UsageError(f"--search {args.search} searches the KV bits; do not combine it with "
+                         f"{'--kv_bits' if args.kv_bits is not None else '--kv_profile'}")
     if args.search is not None:
         if args.save is None:
             raise UsageError("--search needs --save (trials, profile, plot and the default study database go there)")
         if args.objective_nsamples < 1:
             raise UsageError("--objective_nsamples must be at least 1")
+        if args.reprune_top < 0:
+            raise UsageError("--reprune_top must be 0 or more")
         try:
             search_config(args, args.sparsity_ratio or 0.0).check()
         except SearchError as exc:
@@ -217,11 +285,27 @@ def load_calibration(args, tokenizer, seqlen: int):
     return calib
 
 
+def objective_tokens(args, tokenizer, seqlen: int):
+    """The search objective's text as ``[1, N]`` ids: a validation split for ppl; for kl, fresh windows of the
+    calibration dataset (another seed than the calibration draw). Never a test split."""
+    import torch
+
+    from lib import data
+
+    if args.objective == "kl" and args.objective_dataset == args.calib_dataset:
+        windows = data.get_calibration(args.objective_dataset, tokenizer, args.objective_nsamples, args.seed + 1,
+                                       seqlen, args.data_dir)
+        return torch.cat(windows, dim=1)
+    return data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
+
+
 def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload):
-    """Per-layer sparsity from OWL or the TPE search; returns (profile, calibration windows, search result)."""
-    from lib import data, models
+    """Per-layer sparsity from OWL or the search; returns (profile, calibration windows, search result).
+    After a sparsity search the model is pruned as shipped (``result.prune`` holds its masks)."""
+    from lib import models
+    from lib.oneshot import dense_input_stats
     from lib.owl import owl_profile
-    from lib.search import dense_input_stats, run_search
+    from lib.search import run_search
 
     calib = load_calibration(args, tokenizer, seqlen)
     num_layers = len(models.decoder_layers(model))
@@ -233,26 +317,24 @@ def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload):
     cfg = search_config(args, args.sparsity_ratio)
     if args.num_blocks is None:
         cfg.num_blocks = min(cfg.num_blocks, num_layers)
-    ids = data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
-    result = run_search(model, cfg, calib=calib, objective_ids=ids, seqlen=seqlen,
-                        objective_nsamples=args.objective_nsamples, device=device, offload=offload,
-                        model_name=args.model, kv_kwargs=kv_kwargs(args))
+    result = run_search(model, cfg, calib=calib, objective_ids=objective_tokens(args, tokenizer, seqlen),
+                        seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
+                        model_name=args.model, kv_kwargs=kv_kwargs(args), trial_kv=kv_config(args, model, None))
     result.profile.sparsity_type = str(pattern)
     return result.profile, calib, result
 
 
 def search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload):
     """KV bits per layer searched on the model as it is now (pruned or dense); returns (profile, result)."""
-    from lib import data, models
+    from lib import models
     from lib.profile import Profile
     from lib.search import run_search
 
     num_layers = len(models.decoder_layers(model))
     base = profile or Profile.uniform(num_layers, 0.0, sparsity_type=str(pattern))
     cfg = search_config(args, args.sparsity_ratio or 0.0)
-    ids = data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
-    result = run_search(model, cfg, calib=None, objective_ids=ids, seqlen=seqlen,
-                        objective_nsamples=args.objective_nsamples, device=device, offload=offload,
+    result = run_search(model, cfg, calib=None, objective_ids=objective_tokens(args, tokenizer, seqlen),
+                        seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
                         model_name=args.model, base_profile=base, kv_kwargs=kv_kwargs(args))
     result.profile.method = args.prune_method
     return result.profile, result
@@ -307,153 +389,307 @@ def resolve_device(requested: str | None) -> str:
     return requested
 
 
-def run(args) -> int:
-    from lib import data, masks as masks_lib, models
-    from lib.eval import eval_ppl, eval_zero_shot
-    from lib.io import write_dir, write_json, write_text
-    from lib.profile import Profile, load_profile
-    from lib.prune import (check_sparsity, profile_mean_sparsity, prune_magnitude, prune_optspa, prune_sparsegpt,
-                           prune_wanda)
+@dataclass
+class Run:
+    """What one run carries from stage to stage (see :func:`run`)."""
+
+    args: argparse.Namespace
+    pattern: Any
+    device: str
+    loaded: Any = None
+    seqlen: int = 0
+    offload: bool = False
+    profile: Any = None  # the per-layer sparsity (and KV bits) pruned with and saved; None for masks runs
+    calib: Any = None
+    search: Any = None
+    result: Any = None  # PruneResult when this run pruned
+    manifest: dict | None = None  # the masks manifest of a --masks run
+    method: str = "dense"
+    sparsity: float = 0.0
+    per_layer: list = field(default_factory=list)
+    kv: Any = None
+    kv_report: dict = field(default_factory=dict)
+    ppl: dict = field(default_factory=dict)
+    zero_shot: Any = None
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+
+def needs_calibration(args) -> bool:
+    return (args.prune_method in ("wanda", "sparsegpt", "optspa") and args.masks is None) or \
+        args.layer_allocation == "owl" or args.search in ("sparsity", "joint")
+
+
+def check_inputs(args) -> Run:
+    """Stage 1: every flag, output folder and local dataset checked before anything is loaded."""
+    from lib import data
 
     pattern = validate(args)
     device = resolve_device(args.device)
-    needs_calib = (args.prune_method in ("wanda", "sparsegpt", "optspa") and args.masks is None) or \
-        args.layer_allocation == "owl" or args.search in ("sparsity", "joint")
     # Fail on missing local data before spending minutes on loading the model.
-    if needs_calib:
+    if needs_calibration(args):
         data.check_available(args.calib_dataset, "train", args.data_dir)
     for name in args.eval_datasets:
         data.check_available(name, "test" if name == "wikitext2" else "validation", args.data_dir)
     if args.search is not None:
-        data.check_available(args.objective_dataset, "validation", args.data_dir)
+        kl_on_calib = args.objective == "kl" and args.objective_dataset == args.calib_dataset
+        data.check_available(args.objective_dataset, "train" if kl_on_calib else "validation", args.data_dir)
+    return Run(args=args, pattern=pattern, device=device, method=args.prune_method)
 
+
+def load(st: Run) -> None:
+    """Stage 2: the model on the CPU, the window length, the offload decision (weights and calibration
+    buffers), the placement, and the checks that need the model."""
+    from lib import models
+
+    args = st.args
     logger.info("loading llm model %s", args.model)
-    loaded = models.load_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype, device=device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    seqlen = models.default_seqlen(model, args.seqlen)
+    st.loaded = models.load_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype, device=st.device)
+    model = st.model
+    st.seqlen = models.default_seqlen(model, args.seqlen)
     num_layers = len(models.decoder_layers(model))
-    offload = models.should_offload(model, device, args.offload)
-    models.place_model(model, device, offload)
+    dtype = next(model.parameters()).dtype
+    buffers = models.calib_buffer_bytes(args.nsamples, st.seqlen, models.text_config(model).hidden_size, dtype) \
+        if needs_calibration(args) else 0
+    try:
+        st.offload = models.should_offload(model, st.device, args.offload, buffer_bytes=buffers)
+    except models.DeviceMemoryError as exc:
+        raise UsageError(f"{exc}: lower --nsamples or --seqlen") from exc
+    models.place_model(model, st.device, st.offload)
     check_kv_settings(args, model)
     if args.search in ("sparsity", "joint") and args.search_granularity == "block" and \
             args.num_blocks is not None and args.num_blocks > num_layers:
         raise UsageError(f"--num_blocks {args.num_blocks} is more than the model's {num_layers} decoder layers")
-    logger.info("use device %s (dtype %s, offload %s, seqlen %d)", device, next(model.parameters()).dtype,
-                offload, seqlen)
+    logger.info("use device %s (dtype %s, offload %s, seqlen %d)", st.device, dtype, st.offload, st.seqlen)
 
-    profile = None
+
+def allocate(st: Run) -> None:
+    """Stage 3: the per-layer sparsity profile: --sparsity_profile, the uniform ratio, or OWL / the search."""
+    from lib import models
+    from lib.profile import Profile, load_profile
+
+    args, model, pattern = st.args, st.model, st.pattern
+    if args.masks is not None:  # the masks say what is pruned; a masks run has no profile of its own
+        return
+    num_layers = len(models.decoder_layers(model))
     if args.sparsity_profile is not None:
-        profile = load_profile(args.sparsity_profile, num_layers, args.num_blocks)
+        st.profile = load_profile(args.sparsity_profile, num_layers, args.num_blocks)
         module_names = list(models.find_linears(models.decoder_layers(model)[0]))
-        profile.validate(num_layers, module_names)
+        st.profile.validate(num_layers, module_names)
         if pattern.structured and not all(
-            abs(profile.ratio(i, n) - pattern.ratio) < 1e-9 for i in range(num_layers) for n in module_names
+            abs(st.profile.ratio(i, n) - pattern.ratio) < 1e-9 for i in range(num_layers) for n in module_names
         ):
             raise UsageError(f"{pattern} sparsity is uniform by construction; the profile varies its ratios")
-        profile.sparsity_type = str(pattern)
+        st.profile.sparsity_type = str(pattern)
     elif args.sparsity_ratio is not None:
-        profile = Profile.uniform(num_layers, args.sparsity_ratio, sparsity_type=str(pattern))
-    calib = search = None
+        st.profile = Profile.uniform(num_layers, args.sparsity_ratio, sparsity_type=str(pattern))
     if args.search in ("sparsity", "joint") or args.layer_allocation == "owl":
-        profile, calib, search = allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload)
-    method = args.prune_method
-    result = None
-    calib_seconds = prune_seconds = 0.0
+        st.profile, st.calib, st.search = allocate_layers(args, model, st.tokenizer, pattern, st.seqlen, st.device,
+                                                          st.offload)
+
+
+def apply_saved_masks(st: Run) -> None:
+    """Stage 4a (--masks): zero what the saved masks say; the run then reports what their manifest says."""
+    from lib import masks as masks_lib, models
+
+    saved, st.manifest = masks_lib.load_masks(st.args.masks)
+    masks_lib.apply_masks(st.model, saved, models.pruned_weight_names(st.model))
+    st.method = st.manifest.get("method", "masks")
+    logger.info("applied %d saved masks from %s (method %s)", len(saved), st.args.masks, st.method)
+
+
+def prune(st: Run) -> None:
+    """Stage 4: prune with the profile (or apply --masks); the search may have pruned already."""
+    from lib.prune import profile_mean_sparsity, prune_magnitude, prune_optspa, prune_sparsegpt, prune_wanda
+
+    args, model, pattern, profile = st.args, st.model, st.pattern, st.profile
+    device, offload, method = st.device, st.offload, st.method
     if args.masks is not None:
-        saved, manifest = masks_lib.load_masks(args.masks)
-        masks_lib.apply_masks(model, saved, models.pruned_weight_names(model))
-        method = manifest.get("method", "masks")
-        logger.info("applied %d saved masks from %s (method %s)", len(saved), args.masks, method)
-    elif method != "dense" and profile is not None:
-        profile.model, profile.method = args.model, method
-        logger.info("pruning starts: %s, target sparsity %.4f, %s", method,
-                    profile_mean_sparsity(model, profile), pattern)
-        if method == "magnitude":
-            result = prune_magnitude(model, profile, pattern, device, offload)
+        apply_saved_masks(st)
+        return
+    if st.search is not None and st.search.prune is not None:  # the search pruned the model as it ships it
+        st.result = st.search.prune
+        return
+    if method == "dense" or profile is None:
+        return
+    profile.model, profile.method = args.model, method
+    logger.info("pruning starts: %s, target sparsity %.4f, %s", method, profile_mean_sparsity(model, profile), pattern)
+    if method == "magnitude":
+        st.result = prune_magnitude(model, profile, pattern, device, offload)
+    else:
+        if st.calib is None:  # the search or OWL may have drawn it already
+            st.calib = load_calibration(args, st.tokenizer, st.seqlen)
+        calib = st.calib
+        if profile.meta.get("shipped") == "oneshot" and method in ("wanda", "optspa") and not pattern.structured:
+            from lib.oneshot import prune_oneshot
+
+            # The search shipped (and scored) this profile pruned oneshot: apply it the same way.
+            logger.info("the profile shipped a oneshot-pruned model: scores from dense activations, thresholded")
+            st.result = prune_oneshot(model, calib, profile, method, device, offload)
+        elif method == "wanda":
+            st.result = prune_wanda(model, calib, profile, pattern, device, offload, use_variant=args.use_variant)
+        elif method == "optspa":
+            st.result = prune_optspa(model, calib, profile, pattern, device, offload)
         else:
-            if calib is None:  # the search or OWL may have drawn it already
-                calib = load_calibration(args, tokenizer, seqlen)
-            if method == "wanda":
-                result = prune_wanda(model, calib, profile, pattern, device, offload, use_variant=args.use_variant)
-            elif method == "optspa":
-                result = prune_optspa(model, calib, profile, pattern, device, offload)
-            else:
-                result = prune_sparsegpt(model, calib, profile, pattern, device, offload, args.blocksize,
-                                         args.percdamp)
-        calib_seconds, prune_seconds = result.calib_seconds, result.prune_seconds
-        logger.info("pruning done: %.2f s calibration forward passes, %.2f s metric and masks",
-                    calib_seconds, prune_seconds)
-    if args.search == "kv":  # KV bits are searched on the model as pruned
-        profile, search = search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload)
+            st.result = prune_sparsegpt(model, calib, profile, pattern, device, offload, args.blocksize,
+                                        args.percdamp)
+    logger.info("pruning done: %.2f s calibration forward passes, %.2f s metric and masks",
+                st.result.calib_seconds, st.result.prune_seconds)
+
+
+def search_kv_bits(st: Run) -> None:
+    """Stage 4b (--search kv): KV bits per layer searched on the model as pruned."""
+    st.profile, st.search = search_kv(st.args, st.model, st.tokenizer, st.profile, st.pattern, st.seqlen,
+                                      st.device, st.offload)
+
+
+def report_sparsity(st: Run) -> None:
+    """Stage 5: Wanda's sparsity sanity check of the model as it will be evaluated and saved."""
+    from lib.prune import check_sparsity
 
     logger.info("*" * 40)
-    sparsity, per_layer = check_sparsity(model)
-    for i, s in enumerate(per_layer):
+    st.sparsity, st.per_layer = check_sparsity(st.model)
+    for i, s in enumerate(st.per_layer):
         logger.info("layer %d sparsity %.6f", i, s)
-    logger.info("sparsity sanity check %.4f", sparsity)
+    logger.info("sparsity sanity check %.4f", st.sparsity)
     logger.info("*" * 40)
 
-    ppl = {}
-    from lib.kvquant import kv_memory_report, simulate_kv_quant
 
-    kv = kv_config(args, model, profile)
-    kv_report = kv_memory_report(kv, model)
-    if kv is not None:
-        logger.info("KV cache %s: %.1f bytes per token, %.3fx float16", kv.describe(),
-                    kv_report["kv_bytes_per_token"], kv_report["ratio_to_fp16"])
-    with simulate_kv_quant(model, kv):
-        for name in args.eval_datasets:
-            ids = data.get_eval_tokens(name, tokenizer, args.data_dir, "test", seqlen)
-            ppl[name] = eval_ppl(model, ids, seqlen, device, args.eval_batch_size, offload, desc=f"{name} ppl")
-            logger.info("%s perplexity %.4f", "wikitext" if name == "wikitext2" else name, ppl[name])
+def configure_kv(st: Run) -> None:
+    """Stage 6: the KV quantization every evaluation runs under (None: full precision)."""
+    from lib.kvquant import kv_memory_report
 
-    zero_shot = None
+    st.kv = kv_config(st.args, st.model, st.profile)
+    st.kv_report = kv_memory_report(st.kv, st.model)
+    if st.kv is not None:
+        logger.info("KV cache %s: %.1f bytes per token, %.3fx float16", st.kv.describe(),
+                    st.kv_report["kv_bytes_per_token"], st.kv_report["ratio_to_fp16"])
+
+
+def evaluation_plan(st: Run) -> dict:
+    """Every evaluation of the run by name: perplexity per --eval_datasets, and the zero-shot tasks."""
+    from lib import data
+    from lib.eval import eval_ppl, eval_zero_shot
+
+    args = st.args
+    plan = {}
+    for name in args.eval_datasets:
+        def ppl(name=name):
+            ids = data.get_eval_tokens(name, st.tokenizer, args.data_dir, "test", st.seqlen)
+            value = eval_ppl(st.model, ids, st.seqlen, st.device, args.eval_batch_size, st.offload,
+                             desc=f"{name} ppl")
+            logger.info("%s perplexity %.4f", "wikitext" if name == "wikitext2" else name, value)
+            return value
+        plan[f"ppl:{name}"] = ppl
     if args.eval_zero_shot:
-        zero_shot = eval_zero_shot(model, tokenizer)
-        logger.info("zero-shot results: %s", json.dumps(zero_shot, default=str))
+        plan["zero_shot"] = lambda: eval_zero_shot(st.model, st.tokenizer)
+    return plan
 
-    if args.save:
-        os.makedirs(args.save, exist_ok=True)
-        ppl_test = ppl.get("wikitext2", float("nan"))
-        header, row = "method\tactual_sparsity\tppl_test", f"{method}\t{sparsity:.4f}\t{ppl_test:.4f}"
-        if kv is not None:  # Wanda's three columns first, so its parsers still read the file
-            header += "\tkv_bytes_per_token\tkv_ratio_fp16"
-            row += f"\t{kv_report['kv_bytes_per_token']:.1f}\t{kv_report['ratio_to_fp16']:.4f}"
-        write_text(os.path.join(args.save, f"log_{method}.txt"), f"{header}\n{row}\n")
-        meta = {"model": args.model, "method": method, "sparsity_type": str(pattern),
-                "target_sparsity": args.sparsity_ratio, "actual_sparsity": sparsity, "seed": args.seed,
-                "nsamples": args.nsamples, "calib_dataset": args.calib_dataset}
-        if result is not None:
-            masks_lib.save_masks(args.save, result.masks, result.shapes, meta)
-        if profile is not None and (method != "dense" or profile.key_bits is not None):
-            from lib.profile import profile_filename
 
-            profile.meta.update({"actual_sparsity": sparsity, "ppl": ppl})
-            kv_avg = sum(profile.key_bits) / len(profile.key_bits) if profile.key_bits else None
-            target = args.sparsity_ratio if args.sparsity_ratio is not None else profile_mean_sparsity(model, profile)
-            name = profile_filename(method, str(pattern), target, kv_avg)
-            write_json(os.path.join(args.save, name), profile.to_dict())
-            logger.info("wrote profile %s", os.path.join(args.save, name))
-        write_json(os.path.join(args.save, f"results_{method}.json"), {
-            **meta, "seqlen": seqlen, "ppl": ppl, "per_layer_sparsity": per_layer,
-            "calib_seconds": calib_seconds, "prune_seconds": prune_seconds, "zero_shot": zero_shot,
-            "kv": None if kv is None else {**kv.to_dict(), **kv_report},
-            "search": None if search is None else {
-                "study_name": search.study_name, "storage": search.storage.split("@")[-1],
-                "best_value": search.best_value, "seconds": search.seconds, "wasted_fraction": search.wasted_fraction,
-                "files": search.files},
-        })
-        logger.info("wrote results to %s", args.save)
-    if args.save_model:
-        processor = models.load_processor(args.model, args.cache_dir) if loaded.multimodal else None
+def evaluate(st: Run) -> None:
+    """Stage 7: perplexity and zero-shot, all under the one KV simulation of stage 6 (the same model)."""
+    from lib.eval import run_evaluations
 
-        def fill(tmp: str) -> None:
-            model.save_pretrained(tmp)
+    results = run_evaluations(st.model, st.kv, evaluation_plan(st))
+    st.ppl = {k.split(":", 1)[1]: v for k, v in results.items() if k.startswith("ppl:")}
+    st.zero_shot = results.get("zero_shot")
+    if st.zero_shot is not None:
+        logger.info("zero-shot results: %s", json.dumps(st.zero_shot, default=str))
+
+
+def run_facts(st: Run) -> dict:
+    """What the run is: for a --masks run what the masks manifest says (nothing was calibrated here)."""
+    args = st.args
+    if st.manifest is not None:
+        facts = {"model": args.model, "method": st.method, "masks": os.path.abspath(args.masks)}
+        for key in ("sparsity_type", "target_sparsity", "seed", "nsamples", "calib_dataset"):
+            facts[key] = st.manifest.get(key)
+        facts["masks_model"] = st.manifest.get("model")
+        facts["actual_sparsity"] = st.sparsity
+        return facts
+    calibrated = st.calib is not None  # windows were drawn (pruning, OWL or the search): say which
+    return {"model": args.model, "method": st.method, "sparsity_type": str(st.pattern),
+            "target_sparsity": args.sparsity_ratio, "actual_sparsity": st.sparsity, "seed": args.seed,
+            "nsamples": args.nsamples if calibrated else None,
+            "calib_dataset": args.calib_dataset if calibrated else None}
+
+
+def save_results(st: Run) -> None:
+    """Stage 8 (--save): Wanda's log line, the masks, the profile pruned with, and results_{method}.json."""
+    from lib import masks as masks_lib
+    from lib.io import write_json, write_text
+    from lib.profile import profile_filename
+    from lib.prune import profile_mean_sparsity
+
+    args, method, kv, kv_report = st.args, st.method, st.kv, st.kv_report
+    os.makedirs(args.save, exist_ok=True)
+    ppl_test = st.ppl.get("wikitext2", float("nan"))
+    header, row = "method\tactual_sparsity\tppl_test", f"{method}\t{st.sparsity:.4f}\t{ppl_test:.4f}"
+    if kv is not None:  # Wanda's three columns first, so its parsers still read the file
+        header += "\tkv_bytes_per_token\tkv_ratio_fp16"
+        row += f"\t{kv_report['kv_bytes_per_token']:.1f}\t{kv_report['ratio_to_fp16']:.4f}"
+    write_text(os.path.join(args.save, f"log_{method}.txt"), f"{header}\n{row}\n")
+    meta = run_facts(st)
+    if st.result is not None:
+        masks_lib.save_masks(args.save, st.result.masks, st.result.shapes, meta)
+    profile = st.profile
+    if profile is not None and (method != "dense" or profile.key_bits is not None):
+        profile.meta.update({"actual_sparsity": st.sparsity, "ppl": st.ppl})
+        kv_avg = sum(profile.key_bits) / len(profile.key_bits) if profile.key_bits else None
+        target = args.sparsity_ratio if args.sparsity_ratio is not None else profile_mean_sparsity(st.model, profile)
+        name = profile_filename(method, str(st.pattern), target, kv_avg)
+        write_json(os.path.join(args.save, name), profile.to_dict())
+        logger.info("wrote profile %s", os.path.join(args.save, name))
+    search = st.search
+    write_json(os.path.join(args.save, f"results_{method}.json"), {
+        **meta, "seqlen": st.seqlen, "ppl": st.ppl, "per_layer_sparsity": st.per_layer,
+        "calib_seconds": st.result.calib_seconds if st.result is not None else 0.0,
+        "prune_seconds": st.result.prune_seconds if st.result is not None else 0.0, "zero_shot": st.zero_shot,
+        "kv": None if kv is None else {**kv.to_dict(), **kv_report},
+        "search": None if search is None else {
+            "study_name": search.study_name, "storage": search.storage.split("@")[-1],
+            **search.summary(), "files": search.files},
+    })
+    logger.info("wrote results to %s", args.save)
+
+
+def save_model(st: Run) -> None:
+    """Stage 9 (--save_model): the pruned model as the checkpoint was (its dtype and config, plus zeros)."""
+    from lib import models
+    from lib.io import write_dir
+
+    args = st.args
+    processor = models.load_processor(args.model, args.cache_dir) if st.loaded.multimodal else None
+
+    def fill(tmp: str) -> None:
+        models.save_pretrained_as_loaded(st.loaded, tmp)
+        if st.loaded.original_llava is None:  # an original LLaVA folder is copied whole, tokenizer included
             # LLaVA needs its image processor too, so the saved folder runs generate() with images as is.
-            (processor or tokenizer).save_pretrained(tmp)
-        model.to("cpu")
-        write_dir(args.save_model, fill)
-        logger.info("saved pruned model to %s", args.save_model)
+            (processor or st.tokenizer).save_pretrained(tmp)
+    write_dir(args.save_model, fill)
+    logger.info("saved pruned model to %s", args.save_model)
+
+
+def run(args) -> int:
+    st = check_inputs(args)
+    load(st)
+    allocate(st)
+    prune(st)
+    if args.search == "kv":
+        search_kv_bits(st)
+    report_sparsity(st)
+    configure_kv(st)
+    evaluate(st)
+    if args.save:
+        save_results(st)
+    if args.save_model:
+        save_model(st)
     return 0
 
 
@@ -473,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     from lib.masks import MaskError
     from lib.models import ModelLoadError
     from lib.profile import ProfileError
-    from lib.search import SearchError
+    from lib.search_space import SearchError
 
     try:
         return run(args)

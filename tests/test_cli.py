@@ -94,8 +94,10 @@ def test_dense_run_evaluates_without_pruning(tiny_llama, data_dir, tmp_path, cap
 def test_llava_prunes_only_language_model(tiny_llava, data_dir, tmp_path, capsys):
     dense = load_model(tiny_llava, dtype="float32").model
     saved_model = tmp_path / "pruned-llava"
+    # --search none: uniform Optspa pruning (optspa searches by default), so every row is exactly half zero
     code, _, err = run_cli(_args(tiny_llava, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.5",
-                                 "--save", str(tmp_path / "out"), "--save_model", str(saved_model)), capsys)
+                                 "--search", "none", "--save", str(tmp_path / "out"), "--save_model",
+                                 str(saved_model)), capsys)
     assert code == 0, err
     pruned = load_model(str(saved_model), dtype="float32")
     assert pruned.multimodal
