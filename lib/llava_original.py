@@ -129,7 +129,10 @@ def _read_file(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # zip-format .bin files map lazily: a 10 GB shard is not read to list its keys
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _file_keys(path: str) -> list[str]:
@@ -164,9 +167,17 @@ def describe(name: str, raw_config: dict[str, Any], cache_dir: str | None = None
         raise OriginalLlavaError(f"{arch} (LLaVA on MPT) is not supported; LLaMA- and Mistral-based LLaVA are")
     folder = checkpoint_folder(name, cache_dir)
     weight_files = {}
-    for path in _weight_files(folder):
-        for key in _file_keys(path):
-            weight_files[key] = os.path.basename(path)
+    files = _weight_files(folder)
+    index = [os.path.join(folder, n) for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")]
+    index = [p for p in index if os.path.isfile(p) and os.path.basename(p).startswith(
+        "model.safetensors" if files[0].endswith(".safetensors") else "pytorch_model")]
+    if index:  # the shard index names every key's file; no shard has to be opened
+        with open(index[0], encoding="utf-8") as f:
+            weight_files = dict(json.load(f)["weight_map"])
+    else:
+        for path in files:
+            for key in _file_keys(path):
+                weight_files[key] = os.path.basename(path)
     emb = "model.embed_tokens.weight"
     if emb not in weight_files:
         raise OriginalLlavaError(f"{name}: no {emb} in the checkpoint (not an original LLaVA layout)")

@@ -119,6 +119,15 @@ def make_model(model, processor, device: str = "cpu", **kw):
     return _model_class()(model=model, processor=processor, device=str(device), **kw)
 
 
+def unknown_tasks(tasks: list[str], include_path: str | list[str] | None = None) -> list[str]:
+    """The task names lmms-eval does not know (with ``include_path``'s local tasks)."""
+    require_lmms()
+    from lmms_eval.tasks import TaskManager
+
+    manager = TaskManager("WARNING", include_path=include_path, model_name="optspa")
+    return [t for t in tasks if t not in manager.all_tasks]
+
+
 def evaluate(model, processor, tasks: list[str], device: str = "cpu", include_path: str | list[str] | None = None,
              limit: int | None = None, max_new_tokens: int = 32, system: str = SYSTEM) -> dict[str, dict[str, Any]]:
     """Run lmms-eval ``tasks`` on the in-memory model; returns {task: {metric: value}} (stderr entries dropped)."""

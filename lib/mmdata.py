@@ -79,6 +79,17 @@ def dataset_file(name: str, data_dir: str | None = None, cache_dir: str | None =
         raise DataError(f"cannot download {repo}/{fname} ({first}); offline nodes need --data_dir") from exc
 
 
+def check_available(name: str, data_dir: str | None = None, image_dir: str | None = None) -> None:
+    """Cheap checks before the model loads: the local file (or the ``data_dir`` layout) and the image folder.
+    Hub sets are not probed here."""
+    if name.endswith((".json", ".jsonl")) or data_dir is not None:
+        dataset_file(name, data_dir)
+    elif name not in HUB_SETS:
+        raise DataError(f"unknown image-text dataset '{name}' (choose {', '.join(HUB_SETS)} or a .json file)")
+    if image_dir is not None and not os.path.isdir(image_dir):
+        raise DataError(f"--image_dir {image_dir} is not a directory")
+
+
 def load_records(path: str) -> list[dict[str, Any]]:
     """Records with an image and at least one turn."""
     try:
