@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .layerwise import capture_layer_inputs
 from .masks import pack, unpack
 from .models import decoder_layers, find_linears, layer_prefix
+from .offload import on_device
 from .prune import InputStats, collect_layer_inputs
 from .sparsity import optspa_score, wanda_score
 
@@ -60,15 +61,12 @@ def dense_input_stats(model: nn.Module, calib: list[torch.Tensor], device: str |
     inputs = capture_layer_inputs(model, calib, device)
     stats: dict[Unit, torch.Tensor] = {}
     for i, layer in enumerate(tqdm(decoder_layers(model), desc="dense stats", leave=False)):
-        if offload:
-            layer.to(device)
-        collectors = {n: InputStats(m, optspa_score) for n, m in find_linears(layer).items()}
-        # One pass: statistics and the dense outputs that feed the next layer.
-        inputs.hidden = collect_layer_inputs(layer, inputs, device, collectors, keep=True)
-        for n, c in collectors.items():
-            stats[(i, n)] = c.mean_sq.cpu()
-        if offload:
-            layer.to("cpu")
+        with on_device(layer, device, offload):
+            collectors = {n: InputStats(m, optspa_score) for n, m in find_linears(layer).items()}
+            # One pass: statistics and the dense outputs that feed the next layer.
+            inputs.hidden = collect_layer_inputs(layer, inputs, device, collectors, keep=True)
+            for n, c in collectors.items():
+                stats[(i, n)] = c.mean_sq.cpu()
     return stats
 
 

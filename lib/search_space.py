@@ -393,3 +393,10 @@ def realized_profile(model: nn.Module, ratios: dict[Unit, float], target: float,
 def profile_counts(profile: Profile, shapes: dict[Unit, tuple[int, int]]) -> dict[Unit, int]:
     """Pruned columns per row that ``profile`` asks of each module (what prune_mask does with its ratio)."""
     return {u: int(shapes[u][1] * profile.ratio(*u)) for u in shapes}
+
+
+def band_bytes_estimate(linear_params: int, dtype_bytes: int, sparsity_range: float) -> int:
+    """What oneshot trials hold beside the model (see :mod:`lib.oneshot`): per weight in the movable band
+    (``2 * range`` of every row, plus a few columns) an int16 index and its dense value, plus one bit."""
+    band = min(1.0, 2 * sparsity_range + 0.01)
+    return int(linear_params * (band * (2 + dtype_bytes) + 0.125))

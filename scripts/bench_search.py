@@ -272,9 +272,9 @@ def markdown(cells: dict, tag: str) -> str:
     c4w = ", ".join(str(w) for w in sorted({c["c4_windows"] for c in cells.values()}))
     lines = [f"Model `{tag}`; c4 calibration, {any_cell['nsamples']} windows of {any_cell['seqlen']}; WikiText-2 test "
              f"perplexity ({tw_text} windows, Wanda's protocol) and C4 validation perplexity ({c4w} windows of "
-             f"held-out documents); machine: {any_cell['machine']}.", "",
+             f"held-out documents); machine: {'; '.join(sorted({c['machine'] for c in cells.values()}))}.", "",
              "| target | allocation (method) | WikiText-2 test | C4 val | actual sparsity | gap closed vs uniform | "
-             "search: full evals (trials done/stopped) | s / full eval | search memory / linears | wall s |",
+             "search: full evals (trials done/stopped) | s / full eval | search memory / linears | prune (+search) s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     if "dense" in cells:
         d = cells["dense"]

@@ -147,20 +147,23 @@ def test_profile_round_trip_and_original_formats(tmp_path):
         Profile(num_layers=1, sparsity=[1.2]).validate(1)
 
 
-def test_shipped_profiles_are_valid_for_an_8_layer_llama():
-    """profiles/*.json (searched on the 8-layer testbed model) load and validate."""
+def test_shipped_profiles_are_valid_for_smollm2():
+    """profiles/*.json (searched on SmolLM2-135M: 30 layers) load, validate and hit their target exactly."""
     import glob
     import os
 
     from conftest import ROOT
+    from lib.search_space import realized_sparsity
 
     files = sorted(glob.glob(os.path.join(ROOT, "profiles", "*.json")))
     assert files
-    modules = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj"]
+    modules = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+               "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+               "mlp.down_proj": (576, 1536)}
+    shapes = {(i, n): s for i in range(30) for n, s in modules.items()}
     for path in files:
-        p = load_profile(path, num_layers=8)
-        p.validate(8, modules)
-        assert p.target_sparsity in (0.5, 0.6) and p.meta.get("wasted_fraction", 0) == 0
-        if "_kv" in os.path.basename(path):
-            assert p.key_bits is not None and sum(p.key_bits) / 8 <= 7
+        p = load_profile(path, num_layers=30)
+        p.validate(30, list(modules))
+        assert p.meta["wasted_fraction"] == 0 and p.meta["shipped"] in ("oneshot", "sequential")
+        counts = {u: int(c * p.ratio(*u)) for u, (_, c) in shapes.items()}
+        assert abs(realized_sparsity(shapes, counts) - p.target_sparsity) < 1e-4
