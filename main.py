@@ -134,6 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most recent tokens kept in full precision (default 0)")
     k.add_argument("--kv_scheme", default="kivi", choices=["kivi", "per_token"],
                    help="kivi: keys per channel, values per token (default); per_token: both per token")
+    b = p.add_argument_group("head-wise KV budgets (lib/kvbudget.py, lib/kvevict.py): SnapKV/SparseMM eviction, "
+                             "evaluated on a long-context continuation")
+    b.add_argument("--kv_budget", type=int, default=None,
+                   help="tokens kept per KV head after prefill, window included; evaluates WikiText-2 test "
+                        "continuation perplexity with the eviction cache (and --kv_bits/--kv_profile bits)")
+    b.add_argument("--head_scores", default=None,
+                   help="head scores to allocate --kv_budget by (SparseMM JSON: {\"layer-head\": [scores]}); "
+                        "without it the budget is uniform (SnapKV)")
+    b.add_argument("--head_scores_out", default=None,
+                   help="compute head scores with --head_probe, write them here (SparseMM JSON) and use them")
+    b.add_argument("--head_probe", default="auto", choices=["auto", "copy", "visual"],
+                   help="visual: OCR-style probe images (LLaVA); copy: copy/retrieval probe; auto: visual for LLaVA")
+    b.add_argument("--head_probe_samples", type=int, default=8, help="probe samples (default 8)")
+    b.add_argument("--kv_window", type=int, default=32, help="observation window always kept (default 32)")
+    b.add_argument("--kv_budget_floor", type=float, default=0.1,
+                   help="uniform floor as a fraction of the non-window budget (SparseMM's ratio, default 0.1)")
+    b.add_argument("--kv_pooling", default="maxpool", choices=["maxpool", "avgpool"], help="SnapKV pooling")
+    b.add_argument("--kv_kernel", type=int, default=7, help="SnapKV pooling kernel (odd, default 7)")
+    b.add_argument("--kv_prefill", type=int, default=None,
+                   help="prefill tokens per span (default min(2048, positions - continuation))")
+    b.add_argument("--kv_continuation", type=int, default=None,
+                   help="continuation tokens scored per span (default min(256, positions / 4))")
+    b.add_argument("--kv_segments", type=int, default=4, help="disjoint WikiText-2 test spans (default 4)")
     p.add_argument("--eval_datasets", nargs="+", default=["wikitext2"], choices=["wikitext2", "c4"],
                    help="perplexity evaluation sets (default wikitext2 test; c4 = validation)")
     p.add_argument("--eval_batch_size", type=int, default=1, help="windows per forward pass in evaluation")
@@ -603,6 +626,80 @@ def evaluate(st: Run) -> None:
         logger.info("zero-shot results: %s", json.dumps(st.zero_shot, default=str))
 
 
+def check_kv_budget(args) -> None:
+    """--kv_budget / head-score flags, before anything is loaded."""
+    if args.kv_budget is not None and (args.kv_budget <= 0 or args.kv_budget < args.kv_window):
+        raise UsageError(f"--kv_budget {args.kv_budget} must be positive and at least --kv_window {args.kv_window}")
+    if args.kv_window < 0 or args.kv_kernel <= 0 or args.kv_kernel % 2 == 0:
+        raise UsageError("--kv_window must be >= 0 and --kv_kernel a positive odd number")
+    if not 0.0 <= args.kv_budget_floor <= 1.0:
+        raise UsageError(f"--kv_budget_floor {args.kv_budget_floor} must be in [0, 1]")
+    if args.head_scores is not None and args.head_scores_out is not None:
+        raise UsageError("give either --head_scores or --head_scores_out, not both")
+    if args.head_scores is not None and not os.path.isfile(args.head_scores):
+        raise UsageError(f"--head_scores {args.head_scores}: no such file")
+    if args.head_scores_out is not None:
+        folder = os.path.dirname(os.path.abspath(args.head_scores_out))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise UsageError(f"--head_scores_out {args.head_scores_out}: folder is not writable")
+    if args.kv_budget is not None:
+        from lib import data
+
+        data.check_available("wikitext2", "test", args.data_dir)
+
+
+def kv_budgets(st: Run) -> None:
+    """Stage 6b (--kv_budget, --head_scores_out): head scores, per-head budgets, continuation perplexity with the
+    eviction cache (bits of stage 6 applied to the kept tokens, real cache); the budgets go into the saved
+    profile."""
+    from lib import data
+    from lib.headscores import head_score_tensor, probe_head_scores
+    from lib.io import write_json
+    from lib.kvbudget import KVBudgetConfig, load_head_scores, save_head_scores
+    from lib.kvevict import evaluate_budget
+    from lib.models import load_processor, text_config
+
+    args = st.args
+    cfg = text_config(st.model)
+    num_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    try:
+        scores, source = None, "uniform"
+        if args.head_scores_out is not None:
+            processor = load_processor(args.model, args.cache_dir) if st.loaded.multimodal else None
+            per_sample = probe_head_scores(st.model, processor, args.head_probe, args.head_probe_samples, args.seed)
+            save_head_scores(args.head_scores_out, per_sample)
+            logger.info("wrote head scores (%s probe) to %s", args.head_probe, args.head_scores_out)
+            scores, source = head_score_tensor(per_sample, num_layers, heads), args.head_scores_out
+        elif args.head_scores is not None:
+            scores, source = load_head_scores(args.head_scores, num_layers, heads), args.head_scores
+        if args.kv_budget is None:
+            return
+        if st.offload:
+            raise UsageError("--kv_budget needs the whole model on one device (it ran with --offload)")
+        positions = cfg.max_position_embeddings
+        cont = args.kv_continuation or min(256, positions // 4)
+        prefill = args.kv_prefill or min(2048, positions - cont)
+        if prefill + cont > positions:
+            raise UsageError(f"--kv_prefill {prefill} + --kv_continuation {cont} exceed the model's {positions} "
+                             "positions")
+        budget = KVBudgetConfig.build(args.kv_budget, num_layers, kv_heads, scores, window=args.kv_window,
+                                      floor_ratio=args.kv_budget_floor, kernel=args.kv_kernel,
+                                      pooling=args.kv_pooling, source=source)
+        tokens = data.get_eval_tokens("wikitext2", st.tokenizer, args.data_dir, "test")
+        res = evaluate_budget(st.model, tokens, budget, st.kv, prefill, cont, args.kv_segments)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    logger.info("%s: continuation perplexity %.4f (full cache %.4f), %d spans of %d+%d, cache %.3fx float16",
+                budget.describe(), res["ppl_budget"], res["ppl_full"], args.kv_segments, prefill, cont,
+                res["ratio_to_fp16_full"])
+    if st.profile is not None:
+        st.profile.kv_budget = budget.to_dict()
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        write_json(os.path.join(args.save, f"kv_budget_{st.method}.json"), res)
+
+
 def run_facts(st: Run) -> dict:
     """What the run is: for a --masks run what the masks manifest says (nothing was calibrated here)."""
     args = st.args
@@ -677,6 +774,7 @@ def save_model(st: Run) -> None:
 
 
 def run(args) -> int:
+    check_kv_budget(args)
     st = check_inputs(args)
     load(st)
     allocate(st)
@@ -685,6 +783,8 @@ def run(args) -> int:
         search_kv_bits(st)
     report_sparsity(st)
     configure_kv(st)
+    if args.kv_budget is not None or args.head_scores_out is not None:
+        kv_budgets(st)
     evaluate(st)
     if args.save:
         save_results(st)

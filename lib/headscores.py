@@ -187,3 +187,24 @@ def head_score_tensor(per_sample: dict[tuple[int, int], list[float]], num_layers
     for (l, h), v in per_sample.items():
         out[l, h] = sum(v) / len(v) if v else 0.0
     return out
+
+
+def probe_head_scores(
+    model: nn.Module, processor=None, probe: str = "auto", n_samples: int = 8, seed: int = 0
+) -> dict[tuple[int, int], list[float]]:
+    """Head scores by ``probe``: ``"visual"`` (LLaVA-1.5: probe images at the processor's crop size, needs the
+    ``processor``), ``"copy"`` (any causal LM), or ``"auto"`` (visual when a processor with images is given)."""
+    from .probe_images import generate_probe_images
+
+    if probe == "auto":
+        probe = "visual" if processor is not None and hasattr(processor, "image_processor") else "copy"
+    if probe == "copy":
+        return copy_head_scores(model, n_samples=n_samples, seed=seed)
+    if probe != "visual":
+        raise ValueError(f"unknown head probe {probe!r}; choose auto, copy or visual")
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError("the visual head probe needs a LLaVA model with its processor")
+    crop = getattr(processor.image_processor, "crop_size", None) or {}
+    size = int(crop.get("height") or 336) if isinstance(crop, dict) else int(getattr(crop, "height", 336) or 336)
+    samples = generate_probe_images(n_samples, size=size, seed=seed)
+    return visual_head_scores(model, processor, samples)

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -140,6 +140,7 @@ class EvictingKVLayer(CacheLayerMixin):
         self.window, self.kernel, self.pooling = budget.window, budget.kernel, budget.pooling
         self.key_bits, self.value_bits = key_bits, value_bits
         self.kv_config = kv_config or KVQuantConfig.uniform(OFF_BITS, 1)
+        self.capture: list | None = None  # set by capture_prefill: receives (keys, values, window queries, scale)
         self.reset()
 
     def __repr__(self) -> str:
@@ -195,6 +196,8 @@ class EvictingKVLayer(CacheLayerMixin):
         """Called with the prefill queries: choose and store the kept tokens of every KV head."""
         keys, values = self._prefill
         self._prefill, self.awaiting_queries = None, False
+        if self.capture is not None:
+            self.capture[self.layer_idx] = (keys, values, query[:, :, -self.window :].clone(), scaling)
         t = keys.shape[-2]
         caps = self.budget.capacities_for(t)[self.layer_idx].tolist()
         if all(c >= t - min(self.window, t) for c in caps):
@@ -347,27 +350,116 @@ class EvictionKVCache(Cache):
         return sum(layer.workspace_nbytes() for layer in self.layers)
 
 
-def capture_prefill(model: nn.Module, input_ids: torch.Tensor, window: int, **model_kwargs) -> tuple[list, torch.Tensor]:
+def capture_prefill(
+    model: nn.Module, input_ids: torch.Tensor, window: int, **model_kwargs
+) -> tuple[list, torch.Tensor]:
     """Run one prefill with a keep-everything eviction cache and return per layer ``(keys, values, last-window
     queries, scaling)`` plus the logits; :meth:`EvictionKVCache.from_prefill` rebuilds any budget from them."""
     num_layers, kv_heads, _ = kv_dims(model)
-    keep_all = KVBudgetConfig(budget=0, capacities=[[1 << 30] * kv_heads] * num_layers, window=window)
-    cache = EvictionKVCache(keep_all)
+    cache = EvictionKVCache(keep_all_budget(num_layers, kv_heads, window))
     captured: list = [None] * num_layers
-
     for layer in cache.layers:
-        orig = layer.compress
-
-        def grab(query, scaling, _layer=layer, _orig=orig):
-            keys, values = _layer._prefill
-            captured[_layer.layer_idx] = (keys, values, query[:, :, -window:].clone(), scaling)
-            _orig(query, scaling)
-
-        layer.compress = grab
+        layer.capture = captured
     with torch.inference_mode(), kv_budget_attention(model):
         logits = model(input_ids, past_key_values=cache, use_cache=True, **model_kwargs).logits
     return captured, logits
 
 
-__all__ = ["ATTN_NAME", "EvictingKVLayer", "EvictionKVCache", "capture_prefill", "kv_budget_attention",
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Continuation quality: prefill once, then score a teacher-forced continuation with any number of caches
+# --------------------------------------------------------------------------------------------------------------
+def keep_all_budget(num_layers: int, num_kv_heads: int, window: int = 32) -> KVBudgetConfig:
+    """A budget that never evicts (each head keeps every token): the full cache in this cache class."""
+    return KVBudgetConfig(budget=0, capacities=[[1 << 30] * num_kv_heads] * num_layers, window=window,
+                          source="full")
+
+
+def dynamic_cache_from_prefill(states: list[tuple], config=None) -> DynamicCache:
+    """A plain ``DynamicCache`` holding the captured prefill K/V (the full-cache reference)."""
+    cache = DynamicCache(config=config)
+    for idx, (k, v, _, _) in enumerate(states):
+        cache.update(k, v, idx)
+    return cache
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Stored bytes of any of this tool's caches, or of a DynamicCache (its K/V tensors)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for l in cache.layers for t in (l.keys, l.values) if t is not None)
+
+
+@torch.inference_mode()
+def continuation_nll(
+    model: nn.Module,
+    segment: torch.Tensor,
+    prefill_len: int,
+    caches: dict[str, Callable[[list], Cache]],
+    window: int = 32,
+) -> dict[str, dict]:
+    """Prefill ``segment[:, :prefill_len]`` once (full attention), then for every ``caches[name](states)`` score the
+    rest of the segment teacher-forced in one forward through that cache.  The first continuation token is
+    predicted by the prefill (identical for all caches).  Returns per name ``{"nll": summed negative
+    log-likelihood (float64), "tokens": scored tokens, "nbytes": cache bytes after the prefill}``."""
+    if not 0 < prefill_len < segment.shape[1] - 1:
+        raise ValueError(f"prefill length {prefill_len} must leave at least 2 tokens of a "
+                         f"{segment.shape[1]}-token segment")
+    states, logits = capture_prefill(model, segment[:, :prefill_len], window)
+    first = nn.functional.cross_entropy(logits[0, -1:].double(), segment[0, prefill_len : prefill_len + 1],
+                                        reduction="sum")
+    out: dict[str, dict] = {}
+    targets = segment[0, prefill_len + 1 :]
+    for name, make in caches.items():
+        cache = make(states)
+        nbytes = cache_nbytes(cache)
+        with kv_budget_attention(model):
+            lg = model(segment[:, prefill_len:-1], past_key_values=cache, use_cache=True).logits[0]
+        nll = first + nn.functional.cross_entropy(lg.double(), targets, reduction="sum")
+        out[name] = {"nll": float(nll), "tokens": int(targets.numel()) + 1, "nbytes": nbytes}
+    return out
+
+
+def evaluate_budget(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    budget: KVBudgetConfig,
+    kv_config: KVQuantConfig | None = None,
+    prefill: int = 2048,
+    continuation: int = 256,
+    segments: int = 4,
+) -> dict:
+    """Continuation perplexity (see :func:`continuation_nll`) over ``segments`` evenly spaced disjoint spans of
+    ``tokens [1, N]``: the full cache and ``budget`` (with ``kv_config`` bits), pooled over spans, and the mean
+    stored bytes after the prefill against a float16 full cache."""
+    span = prefill + continuation
+    n = tokens.shape[1]
+    if n < span * segments:
+        raise ValueError(f"{n} evaluation tokens cannot hold {segments} spans of {prefill}+{continuation}")
+    num_layers, kv_heads, head_dim = kv_dims(model)
+    budget.validate(num_layers, kv_heads)
+    stride = (n - span) // max(segments - 1, 1)
+    makers = {"full": dynamic_cache_from_prefill,
+              "budget": lambda st: EvictionKVCache.from_prefill(budget, st, kv_config=kv_config)}
+    device = next(model.parameters()).device
+    totals = {k: [0.0, 0, 0] for k in makers}
+    for i in range(segments):
+        seg = tokens[:, i * stride : i * stride + span].to(device)
+        for name, r in continuation_nll(model, seg, prefill, makers, window=budget.window).items():
+            totals[name][0] += r["nll"]
+            totals[name][1] += r["tokens"]
+            totals[name][2] += r["nbytes"]
+    fp16 = 2 * 2 * num_layers * kv_heads * head_dim * prefill
+    out = {"prefill": prefill, "continuation": continuation, "segments": segments, "fp16_full_bytes": fp16,
+           "budget": budget.to_dict(), "kv": None if kv_config is None else kv_config.to_dict()}
+    for name, (nll, ntok, nbytes) in totals.items():
+        out[f"ppl_{name}"] = float(torch.tensor(nll / ntok).exp())
+        out[f"nbytes_{name}"] = nbytes / segments
+    out["ratio_to_fp16_full"] = out["nbytes_budget"] / fp16
+    return out
+
+
+__all__ = ["ATTN_NAME", "EvictingKVLayer", "EvictionKVCache", "cache_nbytes", "capture_prefill", "continuation_nll",
+           "dynamic_cache_from_prefill", "evaluate_budget", "keep_all_budget", "kv_budget_attention",
            "kvbudget_attention_forward"]

@@ -58,6 +58,9 @@ class Profile:
     model: str | None = None
     method: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # head-wise KV budgets (lib/kvbudget.py KVBudgetConfig.to_dict(): budget, window, per-KV-head capacities
+    # [layer][kv head], selection rule), beside the per-layer KV bits; optional
+    kv_budget: dict[str, Any] | None = None
 
     @classmethod
     def uniform(cls, num_layers: int, ratio: float, **kw) -> "Profile":
@@ -104,6 +107,7 @@ class Profile:
             "module_sparsity": {str(k): v for k, v in sorted(self.module_sparsity.items())},
             "kv_bits": kv, "target_sparsity": self.target_sparsity, "sparsity_type": self.sparsity_type,
             "model": self.model, "method": self.method, "meta": self.meta,
+            **({"kv_budget": self.kv_budget} if self.kv_budget is not None else {}),
         }
 
     @classmethod
@@ -118,6 +122,7 @@ class Profile:
                 key_bits=kv.get("key"), value_bits=kv.get("value"),
                 target_sparsity=data.get("target_sparsity"), sparsity_type=data.get("sparsity_type", "unstructured"),
                 model=data.get("model"), method=data.get("method"), meta=data.get("meta") or {},
+                kv_budget=data.get("kv_budget"),
             )
         return cls._from_original(data, num_layers, num_blocks)
 

@@ -419,3 +419,97 @@ def test_copy_probe_layout() -> None:
     per_sample = copy_head_scores(model, n_samples=2, length=16, seed=0)
     assert set(per_sample) == {(l, h) for l in range(LAYERS) for h in range(HEADS)}
     assert all(len(v) == 2 and all(x >= 0 for x in v) for v in per_sample.values())
+
+
+def test_continuation_nll_matches_one_forward(llama) -> None:
+    from lib.kvevict import continuation_nll, dynamic_cache_from_prefill, keep_all_budget
+
+    seg = prompt(48, seed=11)
+    full = keep_all_budget(LAYERS, KV_HEADS, window=8)
+    small = budget_cfg(16, scores(11))
+    res = continuation_nll(llama, seg, 36, {
+        "dynamic": dynamic_cache_from_prefill,
+        "keep_all": lambda st: EvictionKVCache.from_prefill(full, st),
+        "evicted": lambda st: EvictionKVCache.from_prefill(small, st),
+    }, window=8)
+    with torch.no_grad():
+        logits = llama(seg, use_cache=False).logits[0, 35:-1].double()
+    ref = float(torch.nn.functional.cross_entropy(logits, seg[0, 36:], reduction="sum"))
+    assert res["dynamic"]["tokens"] == 12
+    assert res["dynamic"]["nll"] == pytest.approx(ref, rel=1e-5)
+    assert res["keep_all"]["nll"] == pytest.approx(ref, rel=1e-5)
+    assert res["evicted"]["nll"] != pytest.approx(ref, rel=1e-3)
+    assert res["evicted"]["nbytes"] == int(small.kept(36).sum()) * 2 * HEAD_DIM * 4 < res["dynamic"]["nbytes"]
+
+
+def test_unpadded_batch_equals_single_rows(llama) -> None:
+    ids = torch.cat([prompt(50, seed=12), prompt(50, seed=13)])
+    budget = budget_cfg(20, scores(12), window=4)
+    with torch.no_grad(), kv_budget_attention(llama):
+        batch = EvictionKVCache.for_model(llama, budget)
+        llama(ids[:, :40], past_key_values=batch, use_cache=True)
+        got = llama(ids[:, 40:], past_key_values=batch, use_cache=True).logits
+        for row in range(2):
+            single = EvictionKVCache.for_model(llama, budget)
+            llama(ids[row : row + 1, :40], past_key_values=single, use_cache=True)
+            ref = llama(ids[row : row + 1, 40:], past_key_values=single, use_cache=True).logits
+            assert torch.allclose(got[row : row + 1], ref, atol=1e-5)
+            for a, b in zip(batch.layers, single.layers):
+                assert all(torch.equal(x[row], y[0]) for x, y in zip(a.kept_positions, b.kept_positions))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_budget_with_head_scores_and_bits(tiny_llama, data_dir, tmp_path, capsys) -> None:
+    from conftest import run_cli
+
+    heads = tmp_path / "heads.json"
+    save_head_scores(str(heads), {(l, h): [float(l + h), 1.0] for l in range(2) for h in range(4)})
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--prune_method", "wanda",
+                              "--sparsity_ratio", "0.5", "--nsamples", "2", "--seqlen", "32", "--kv_bits", "8",
+                              "--kv_group_size", "8", "--kv_token_group", "8", "--kv_budget", "12", "--kv_window",
+                              "4", "--head_scores", str(heads), "--kv_segments", "2", "--save", str(out_dir)], capsys)
+    assert code == 0, err
+    assert "continuation perplexity" in out
+    res = json.loads((out_dir / "kv_budget_wanda.json").read_text())
+    assert res["prefill"] == 48 and res["continuation"] == 16 and res["segments"] == 2
+    assert res["ppl_budget"] > 0 and res["ppl_full"] > 0 and res["kv"]["key_bits"] == [8, 8]
+    caps = res["budget"]["capacities"]
+    assert sum(map(sum, caps)) == 8 * 2 * 2 and len({c for row in caps for c in row}) > 1
+    profile = json.loads(next(out_dir.glob("profile_*.json")).read_text())
+    assert profile["kv_budget"]["capacities"] == caps and profile["kv_bits"]["key"] == [8, 8]
+
+
+def test_cli_writes_head_scores(tiny_llama, data_dir, tmp_path, capsys) -> None:
+    from conftest import run_cli
+
+    heads = tmp_path / "probe.json"
+    code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--prune_method", "dense",
+                            "--seqlen", "32", "--head_scores_out", str(heads), "--head_probe", "copy",
+                            "--head_probe_samples", "2"], capsys)
+    assert code == 0, err
+    data = json.loads(heads.read_text())
+    assert sorted(data) == sorted(f"{l}-{h}" for l in range(2) for h in range(4))
+    assert all(len(v) == 2 for v in data.values())
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--kv_budget", "2", "--kv_window", "4"], "at least --kv_window"),
+    (["--kv_budget", "64", "--head_scores", "/nonexistent/h.json"], "no such file"),
+    (["--kv_budget", "64", "--kv_kernel", "4"], "odd"),
+])
+def test_cli_bad_budget_flags(tiny_llama, data_dir, capsys, extra, message) -> None:
+    from conftest import run_cli
+
+    code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--prune_method", "dense", *extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_head_scores_that_do_not_fit(tiny_llama, data_dir, tmp_path, capsys) -> None:
+    from conftest import run_cli
+
+    heads = tmp_path / "other_model.json"
+    save_head_scores(str(heads), {(l, h): [1.0] for l in range(3) for h in range(4)})
+    code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--prune_method", "dense", "--seqlen",
+                            "32", "--kv_budget", "16", "--kv_window", "4", "--head_scores", str(heads)], capsys)
+    assert code == 2 and "outside the model" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Benchmark head-wise KV budgets (SparseMM allocation + SnapKV eviction, lib/kvevict.py) on SmolLM2-135M.
+
+Measures, in one run:
+  * head scores of the text model by the copy/retrieval probe (lib/headscores.py), saved in SparseMM's layout;
+  * long-context continuation quality: for ``--segments`` spans of WikiText-2 test (evenly spaced, disjoint),
+    prefill ``--prefill`` tokens once (full attention), then score the next ``--continuation`` tokens
+    teacher-forced with each cache: the full cache, uniform SnapKV and head-score budgets at ``--budgets``
+    tokens per KV head (window included), each with kept tokens unquantized / 8-bit / 4-bit (kivi); pooled
+    perplexity over all segments, and the real ``nbytes()`` of each cache right after the prefill against a
+    float16 full cache;
+  * decode speed at ``--prefill`` context: greedy steps with DynamicCache vs the eviction cache (interleaved
+    rounds, prefill states reused so only decode steps are timed);
+  * a LLaVA smoke test on the testbed's llava-c4-5m: visual-head probe on generated probe images, then generate
+    with an image through the eviction cache.
+
+Usage:  python scripts/bench_kvbudget.py --out scripts/results/kvbudget_cpu.json --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib.data import get_eval_tokens  # noqa: E402
+from lib.headscores import copy_head_scores, head_score_tensor, visual_head_scores  # noqa: E402
+from lib.kvbudget import KVBudgetConfig, scores_to_json  # noqa: E402
+from lib.kvevict import (  # noqa: E402
+    EvictionKVCache,
+    continuation_nll,
+    dynamic_cache_from_prefill,
+    capture_prefill,
+    keep_all_budget,
+    kv_budget_attention,
+)
+from lib.kvquant import KVQuantConfig, fp16_kv_bytes_per_token, kv_dims  # noqa: E402
+from lib.probe_images import generate_probe_images  # noqa: E402
+
+logger = logging.getLogger("bench_kvbudget")
+TESTBED = "/work/shared/testbed"
+MARK = "bench_kvbudget"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.expanduser("~/.cache/optspa-testbed/smollm2-135m"))
+    p.add_argument("--llava", default=f"{TESTBED}/llava-c4-5m", help="'' to skip the LLaVA smoke test")
+    p.add_argument("--data_dir", default=f"{TESTBED}/data")
+    p.add_argument("--out", default="scripts/results/kvbudget_cpu.json")
+    p.add_argument("--readme", default=None, help="replace the table between the bench_kvbudget markers")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--continuation", type=int, default=256)
+    p.add_argument("--segments", type=int, default=6)
+    p.add_argument("--budgets", default="64,128,256,512")
+    p.add_argument("--bits", default="16,8,4")
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--kernel", type=int, default=7)
+    p.add_argument("--pooling", default="maxpool")
+    p.add_argument("--floor_ratio", type=float, default=0.1)
+    p.add_argument("--group_size", type=int, default=32)
+    p.add_argument("--token_group_size", type=int, default=32)
+    p.add_argument("--probe_samples", type=int, default=8)
+    p.add_argument("--probe_length", type=int, default=128)
+    p.add_argument("--decode_tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--decode_budget", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def quality(model, tokens: torch.Tensor, scores: torch.Tensor, args) -> dict:
+    num_layers, kv_heads, head_dim = kv_dims(model)
+    span = args.prefill + args.continuation
+    n = tokens.shape[1]
+    if n < args.segments * span:
+        raise SystemExit(f"{n} tokens cannot hold {args.segments} disjoint spans of {span}")
+    stride = (n - span) // max(args.segments - 1, 1)
+    starts = [i * stride for i in range(args.segments)]
+    bits = [int(b) for b in args.bits.split(",")]
+    kv = {b: None if b >= 16 else KVQuantConfig.uniform(b, num_layers, group_size=args.group_size,
+                                                         token_group_size=args.token_group_size) for b in bits}
+    sel = dict(window=args.window, kernel=args.kernel, pooling=args.pooling, floor_ratio=args.floor_ratio)
+    budgets = {}
+    for budget in (int(b) for b in args.budgets.split(",")):
+        budgets[("snapkv", budget)] = KVBudgetConfig.build(budget, num_layers, kv_heads, None, **sel)
+        budgets[("headscore", budget)] = KVBudgetConfig.build(budget, num_layers, kv_heads, scores,
+                                                              source="copy probe", **sel)
+    full = keep_all_budget(num_layers, kv_heads, args.window)
+    makers: dict = {}
+    rows: dict = {}
+    for b in bits:
+        key = f"full|-|{b}"
+        rows[key] = {"method": "full", "budget": None, "bits": b}
+        if kv[b] is None:
+            makers[key] = lambda st: dynamic_cache_from_prefill(st)
+        else:
+            makers[key] = lambda st, c=kv[b]: EvictionKVCache.from_prefill(full, st, kv_config=c)
+    for (method, budget), cfg in budgets.items():
+        for b in bits:
+            key = f"{method}|{budget}|{b}"
+            rows[key] = {"method": method, "budget": budget, "bits": b}
+            makers[key] = lambda st, c=cfg, q=kv[b]: EvictionKVCache.from_prefill(c, st, kv_config=q)
+    per_segment = []
+    for i, s in enumerate(starts):
+        t0 = time.perf_counter()
+        res = continuation_nll(model, tokens[:, s : s + span], args.prefill, makers, window=args.window)
+        per_segment.append({"start": s, "seconds": round(time.perf_counter() - t0, 1), "rows": res})
+        logger.info("segment %d/%d at %d: full ppl %.3f (%.0fs)", i + 1, len(starts), s,
+                    math.exp(res["full|-|16"]["nll"] / res["full|-|16"]["tokens"]), per_segment[-1]["seconds"])
+    fp16_full = fp16_kv_bytes_per_token(num_layers, kv_heads, head_dim) * args.prefill
+    for key, row in rows.items():
+        nll = sum(seg["rows"][key]["nll"] for seg in per_segment)
+        ntok = sum(seg["rows"][key]["tokens"] for seg in per_segment)
+        row["ppl"] = math.exp(nll / ntok)
+        row["segment_ppl"] = [math.exp(seg["rows"][key]["nll"] / seg["rows"][key]["tokens"]) for seg in per_segment]
+        row["nbytes"] = statistics.mean(seg["rows"][key]["nbytes"] for seg in per_segment)
+        row["ratio_to_fp16_full"] = row["nbytes"] / fp16_full
+    base = rows["full|-|16"]["ppl"]
+    for row in rows.values():
+        row["ppl_vs_full_pct"] = 100.0 * (row["ppl"] - base) / base
+    return {"segments": starts, "span": span, "fp16_full_bytes": fp16_full, "rows": rows,
+            "capacities": {f"{m}|{b}": cfg.to_dict() for (m, b), cfg in budgets.items()},
+            "per_segment_seconds": [s["seconds"] for s in per_segment]}
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def _decode(model, cache, first: torch.Tensor, steps: int) -> float:
+    tok = first
+    with torch.inference_mode(), kv_budget_attention(model):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            tok = logits.argmax(-1, keepdim=True)
+        return steps / (time.perf_counter() - t0)
+
+
+def speed(model, tokens: torch.Tensor, scores: torch.Tensor, args) -> dict:
+    num_layers, kv_heads, _ = kv_dims(model)
+    states, logits = capture_prefill(model, tokens[:, : args.prefill], args.window)
+    first = logits[:, -1].argmax(-1, keepdim=True)
+    sel = dict(window=args.window, kernel=args.kernel, pooling=args.pooling, floor_ratio=args.floor_ratio)
+    hs = KVBudgetConfig.build(args.decode_budget, num_layers, kv_heads, scores, **sel)
+    snap = KVBudgetConfig.build(args.decode_budget, num_layers, kv_heads, None, **sel)
+    kv8 = KVQuantConfig.uniform(8, num_layers, group_size=args.group_size, token_group_size=args.token_group_size)
+    methods = {
+        "DynamicCache": lambda: dynamic_cache_from_prefill(states),
+        f"SnapKV {args.decode_budget}": lambda: EvictionKVCache.from_prefill(snap, states),
+        f"head-score {args.decode_budget}": lambda: EvictionKVCache.from_prefill(hs, states),
+        f"head-score {args.decode_budget} + 8 bit": lambda: EvictionKVCache.from_prefill(hs, states, kv_config=kv8),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in methods}
+    for name, make in methods.items():  # warm-up
+        _decode(model, make(), first, 4)
+    for _ in range(args.rounds):
+        for name, make in methods.items():
+            rates[name].append(_decode(model, make(), first, args.decode_tokens))
+    base = rates["DynamicCache"]
+    return {name: {"tokens_per_s": statistics.median(r),
+                   "speed_vs_dynamic": statistics.median(x / b for x, b in zip(r, base)),
+                   "all_rounds": [round(x, 2) for x in r]} for name, r in rates.items()}
+
+
+# ------------------------------------------------------------------------------------------------ llava
+def llava_smoke(path: str, args) -> dict:
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    proc = LlavaProcessor.from_pretrained(path)
+    num_layers, kv_heads, _ = kv_dims(model)
+    size = proc.image_processor.crop_size["height"]
+    samples = generate_probe_images(4, size=size, words_per_image=2, seed=0)
+    per_sample = visual_head_scores(model, proc, samples, max_new_tokens=16, min_chars=2)
+    cfg = model.config.text_config
+    scores = head_score_tensor(per_sample, num_layers, cfg.num_attention_heads)
+    image = Image.open(f"{TESTBED}/images/coco_000000039769.png").convert("RGB")
+    inputs = proc(text="USER: <image>\nHow many cats are there? ASSISTANT:", images=image, return_tensors="pt")
+    prompt_len = int(inputs["input_ids"].shape[1])
+    budget = KVBudgetConfig.build(24, num_layers, kv_heads, scores if float(scores.sum()) > 0 else None, window=8)
+    kv = KVQuantConfig.uniform(4, num_layers, group_size=32, token_group_size=8)
+    with kv_budget_attention(model):
+        cache = EvictionKVCache.for_model(model, budget, kv_config=kv)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    return {"prompt_tokens": prompt_len, "generated": int(out.shape[1] - prompt_len),
+            "visual_head_score_total": float(scores.sum()),
+            "kept_lengths_equal_allocation": cache.kept_lengths() == (budget.kept(prompt_len) + 7).tolist(),
+            "cache_nbytes": cache.nbytes()}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def markdown(res: dict) -> str:
+    q = res["quality"]
+    rows = q["rows"]
+    bits = sorted({r["bits"] for r in rows.values()}, reverse=True)
+    label = {16: "unquantized", 8: "8-bit", 4: "4-bit"}
+    lines = [f"Model `{os.path.basename(res['model'])}` ({res['num_layers']} layers, {res['kv_heads']} KV heads, "
+             f"head dim {res['head_dim']}), float32 on CPU; WikiText-2 test, {len(q['segments'])} disjoint spans: "
+             f"prefill {res['args']['prefill']} tokens, then {res['args']['continuation']} tokens scored "
+             f"teacher-forced through the cache (pooled perplexity). Budget = tokens kept per KV head including the "
+             f"{res['args']['window']}-token window; selection {res['args']['pooling']} {res['args']['kernel']}; "
+             f"head-score floor ratio {res['args']['floor_ratio']}; quantized rows: kivi, group "
+             f"{res['args']['group_size']}, key token group {res['args']['token_group_size']}. Bytes: real "
+             f"`nbytes()` after the prefill / a float16 full cache of {q['fp16_full_bytes'] / 2**20:.1f} MiB "
+             "(unquantized rows are held in the model's float32).", ""]
+    head = "| budget | method | " + " | ".join(f"ppl {label.get(b, b)} (Δ full) | × fp16 full" for b in bits) + " |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    order = [("full", None)] + sorted({(r["method"], r["budget"]) for r in rows.values() if r["method"] != "full"},
+                                      key=lambda x: (x[1], x[0] != "snapkv"))
+    names = {"full": "full cache", "snapkv": "SnapKV (uniform)", "headscore": "head-score (SparseMM)"}
+    for method, budget in order:
+        cells = []
+        for b in bits:
+            r = rows[f"{method}|{budget if budget is not None else '-'}|{b}"]
+            cells.append(f"{r['ppl']:.3f} ({r['ppl_vs_full_pct']:+.2f}%) | {r['ratio_to_fp16_full']:.3f}")
+        lines.append(f"| {budget if budget is not None else 'all'} | {names[method]} | " + " | ".join(cells) + " |")
+    sp = res["speed"]
+    lines += ["", f"Decode at {res['args']['prefill']} context ({res['args']['decode_tokens']} greedy steps, median of "
+              f"{res['args']['rounds']} interleaved rounds):", "",
+              "| cache | tokens/s | × DynamicCache |", "|---|---|---|"]
+    for name, r in sp.items():
+        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speed_vs_dynamic']:.2f} |")
+    lines += ["", "| goal | value | met |", "|---|---|---|"]
+    for k, v in res["goals"].items():
+        lines.append(f"| {k} | {v['value']} | {'yes' if v['met'] else 'NO'} |")
+    env = res["env"]
+    lines += ["", f"Machine: {env['cpu']}, {env['cpu_count']} CPUs shared with other jobs (load average "
+              f"{env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end), torch {env['torch']}, "
+              f"{env['threads']} threads; total {res['seconds_total'] / 60:.1f} min."]
+    return "\n".join(lines)
+
+
+def goals(res: dict) -> dict:
+    rows = res["quality"]["rows"]
+    out = {}
+    full = rows["full|-|16"]["ppl"]
+    if "headscore|256|16" in rows:
+        d = rows["headscore|256|16"]["ppl_vs_full_pct"]
+        out["head-score 256: ppl within 5% of full"] = {"value": f"{d:+.2f}%", "met": d <= 5.0}
+        d = rows["snapkv|256|16"]["ppl_vs_full_pct"]
+        out["SnapKV 256: ppl within 5% of full"] = {"value": f"{d:+.2f}%", "met": d <= 5.0}
+    for r in rows.values():
+        if r["method"] == "headscore":
+            s = rows[f"snapkv|{r['budget']}|{r['bits']}"]["ppl"]
+            out[f"head-score < SnapKV at {r['budget']}, {r['bits']} bit"] = {
+                "value": f"{r['ppl']:.3f} vs {s:.3f}", "met": r["ppl"] < s}
+    del full
+    return out
+
+
+def write_readme(path: str, table: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = f"<!-- {MARK}:start -->", f"<!-- {MARK}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    new = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: f"{start}\n{table}\n{end}", text, flags=re.S)
+    from lib.io import write_text
+
+    write_text(path, new)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tokens = get_eval_tokens("wikitext2", tok, data_dir=args.data_dir)
+    num_layers, kv_heads, head_dim = kv_dims(model)
+    res: dict = {
+        "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                "cpu": platform.processor() or platform.machine(), "loadavg_start": os.getloadavg(),
+                "shared_machine": True},
+        "model": args.model, "num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
+        "heads": model.config.num_attention_heads, "eval_tokens": int(tokens.numel()), "args": vars(args),
+    }
+    t0 = time.perf_counter()
+    per_sample = copy_head_scores(model, n_samples=args.probe_samples, length=args.probe_length)
+    scores = head_score_tensor(per_sample, num_layers, model.config.num_attention_heads)
+    res["head_scores"] = {"probe": "copy", "samples": args.probe_samples, "length": args.probe_length,
+                          "seconds": round(time.perf_counter() - t0, 1), "sparsemm_json": scores_to_json(per_sample)}
+    res["quality"] = quality(model, tokens, scores, args)
+    res["speed"] = speed(model, tokens, scores, args)
+    if args.llava:
+        res["llava"] = llava_smoke(args.llava, args)
+    res["env"]["loadavg_end"] = os.getloadavg()
+    res["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    res["goals"] = goals(res)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    from lib.io import write_json
+
+    write_json(args.out, res)
+    table = markdown(res)
+    print(table)
+    if args.readme:
+        write_readme(args.readme, table)
+    print(f"\nwrote {args.out} ({res['seconds_total']} s)")
+
+
+if __name__ == "__main__":
+    main()
