@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", default=None, help="output directory for the log, masks and profile (created)")
     p.add_argument("--save_model", default=None, help="directory to write the pruned model with save_pretrained")
     p.add_argument("--eval_zero_shot", action="store_true", help="also run lm-eval-harness zero-shot tasks")
-    p.add_argument("--calib_dataset", default="c4", choices=["c4", "wikitext2"], help="calibration data (default c4)")
+    p.add_argument("--calib_dataset", default="c4",
+                   help="calibration data: c4 (default), wikitext2, or image-text conversations in LLaVA's format "
+                        "for LLaVA models: llava_instruct, llava_pretrain or a .json/.jsonl file (with --image_dir)")
     p.add_argument("--data_dir", default=None,
                    help="local dataset files for offline nodes (wikitext-2-raw-v1/, c4/); default: the hub")
     p.add_argument("--seqlen", type=int, default=None,
@@ -163,7 +165,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size (default 128)")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT Hessian dampening (default 0.01)")
     p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level")
+    m = p.add_argument_group("LLaVA: original checkpoints, image-text calibration, VQA evaluation "
+                             "(lib/llava_original.py, lib/mmdata.py, lib/lmms_adapter.py)")
+    m.add_argument("--vision_tower", default=None,
+                   help="local CLIP folder for an original LLaVA checkpoint's mm_vision_tower (offline nodes); "
+                        "loaded only for image work")
+    m.add_argument("--image_dir", default=None,
+                   help="images of an image-text --calib_dataset (default: next to its JSON, or its images/)")
+    m.add_argument("--eval_lmms", default=None,
+                   help="comma-separated lmms-eval tasks run on the model in memory (pip install lmms-eval; "
+                        "INSTALL.md)")
+    m.add_argument("--lmms_include", default=None, help="folder of extra (local) lmms-eval task YAMLs")
+    m.add_argument("--lmms_limit", type=int, default=None, help="documents per lmms-eval task (default all)")
     return p
+
+
+def validate_multimodal(args) -> None:
+    """Image-text calibration, vision-tower and lmms-eval flags; raises UsageError before any loading."""
+    from lib import mmdata
+
+    if args.calib_dataset not in ("c4", "wikitext2") and not mmdata.is_image_text(args.calib_dataset):
+        raise UsageError(f"--calib_dataset {args.calib_dataset}: choose c4, wikitext2, "
+                         f"{', '.join(mmdata.HUB_SETS)} or a LLaVA conversation .json/.jsonl file")
+    if args.search is not None and mmdata.is_image_text(args.objective_dataset or ""):
+        raise UsageError("the search objective is text perplexity or KL on text; an image-text calibration set "
+                         "cannot be it yet: pass --objective_dataset wikitext2 or c4")
+    for flag, folder in (("--image_dir", args.image_dir), ("--vision_tower", args.vision_tower),
+                         ("--lmms_include", args.lmms_include)):
+        if folder is not None and not os.path.isdir(folder):
+            raise UsageError(f"{flag} {folder} is not a directory")
+    if args.eval_lmms is not None:
+        from lib.lmms_adapter import LmmsUnavailable, unknown_tasks
+
+        try:
+            unknown = unknown_tasks(lmms_tasks(args), args.lmms_include)
+        except LmmsUnavailable as exc:
+            raise UsageError(str(exc)) from exc
+        if unknown or not lmms_tasks(args):
+            raise UsageError(f"--eval_lmms: unknown lmms-eval task(s) {', '.join(unknown) or '(none given)'} "
+                             "(local tasks: --lmms_include DIR)")
+
+
+def lmms_tasks(args) -> list[str]:
+    return [t.strip() for t in (args.eval_lmms or "").split(",") if t.strip()]
+
+
+def wants_images(args) -> bool:
+    """Whether the run needs the vision side (image-text calibration or lmms-eval)."""
+    from lib import mmdata
+
+    return (needs_calibration(args) and mmdata.is_image_text(args.calib_dataset)) or args.eval_lmms is not None
 
 
 def validate(args) -> "SparsityType":
@@ -208,6 +259,7 @@ def validate(args) -> "SparsityType":
         raise UsageError(f"--masks {args.masks} does not exist")
     if args.sparsity_profile is not None and not os.path.isfile(args.sparsity_profile):
         raise UsageError(f"--sparsity_profile {args.sparsity_profile} does not exist")
+    validate_multimodal(args)
     if args.eval_zero_shot:
         try:
             import lm_eval  # noqa: F401
@@ -298,11 +350,22 @@ def validate_search(args, pattern) -> None:
             raise UsageError("--owl_lambda must be in [0, 0.5) and --owl_m positive")
 
 
-def load_calibration(args, tokenizer, seqlen: int):
-    """The calibration windows, with Wanda's log lines (drawn once per run: search, OWL and pruning share them)."""
-    from lib import data
+def load_calibration(args, tokenizer, seqlen: int, processor=None):
+    """The calibration windows, with Wanda's log lines (drawn once per run: search, OWL and pruning share them).
+    Image-text data (lib/mmdata.py) goes through the LLaVA processor: windows of different lengths with images."""
+    from lib import data, mmdata
 
     logger.info("loading calibdation data (%s, %d samples of %d tokens)", args.calib_dataset, args.nsamples, seqlen)
+    if mmdata.is_image_text(args.calib_dataset):
+        image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        calib = mmdata.get_image_text_calibration(args.calib_dataset, processor, args.nsamples, args.seed, seqlen,
+                                                  image_id, args.data_dir, args.image_dir, args.cache_dir)
+        stats = mmdata.window_stats(calib, image_id)
+        logger.info("image-text calibration: %d windows of %d to %d tokens, %d tokens, %d image tokens (%.1f%%)",
+                    stats.windows, stats.min_len, stats.max_len, stats.tokens, stats.image_tokens,
+                    100 * stats.image_share)
+        logger.info("dataset loading complete")
+        return calib
     calib = data.get_calibration(args.calib_dataset, tokenizer, args.nsamples, args.seed, seqlen, args.data_dir)
     logger.info("dataset loading complete")
     return calib
@@ -322,7 +385,7 @@ def objective_tokens(args, tokenizer, seqlen: int):
     return data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
 
 
-def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload):
+def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, processor=None):
     """Per-layer sparsity from OWL or the search; returns (profile, calibration windows, search result).
     After a sparsity search the model is pruned as shipped (``result.prune`` holds its masks)."""
     from lib import models
@@ -330,7 +393,7 @@ def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload):
     from lib.owl import owl_profile
     from lib.search import run_search
 
-    calib = load_calibration(args, tokenizer, seqlen)
+    calib = load_calibration(args, tokenizer, seqlen, processor)
     num_layers = len(models.decoder_layers(model))
     if args.layer_allocation == "owl":
         stats = dense_input_stats(model, calib, device, offload)
@@ -434,6 +497,8 @@ class Run:
     kv_report: dict = field(default_factory=dict)
     ppl: dict = field(default_factory=dict)
     zero_shot: Any = None
+    processor: Any = None  # the LLaVA processor when the run needs images (wants_images)
+    lmms: Any = None  # lmms-eval results per task
 
     @property
     def model(self):
@@ -457,7 +522,12 @@ def check_inputs(args) -> Run:
     device = resolve_device(args.device)
     # Fail on missing local data before spending minutes on loading the model.
     if needs_calibration(args):
-        data.check_available(args.calib_dataset, "train", args.data_dir)
+        from lib import mmdata
+
+        if mmdata.is_image_text(args.calib_dataset):
+            mmdata.check_available(args.calib_dataset, args.data_dir, args.image_dir)
+        else:
+            data.check_available(args.calib_dataset, "train", args.data_dir)
     for name in args.eval_datasets:
         data.check_available(name, "test" if name == "wikitext2" else "validation", args.data_dir)
     if args.search is not None:
@@ -474,6 +544,8 @@ def load(st: Run) -> None:
     args = st.args
     logger.info("loading llm model %s", args.model)
     st.loaded = models.load_model(args.model, cache_dir=args.cache_dir, dtype=args.dtype, device=st.device)
+    if wants_images(args):
+        prepare_images(st)
     model = st.model
     st.seqlen = models.default_seqlen(model, args.seqlen)
     num_layers = len(models.decoder_layers(model))
@@ -490,6 +562,27 @@ def load(st: Run) -> None:
             args.num_blocks is not None and args.num_blocks > num_layers:
         raise UsageError(f"--num_blocks {args.num_blocks} is more than the model's {num_layers} decoder layers")
     logger.info("use device %s (dtype %s, offload %s, seqlen %d)", st.device, dtype, st.offload, st.seqlen)
+
+
+def prepare_images(st: Run) -> None:
+    """Image work needs the whole LLaVA model and its processor: an original checkpoint's language model is
+    wrapped in transformers' Llava(Next) class with its vision tower (lib/llava_original.py); a llava-hf
+    checkpoint brings its processor."""
+    from lib import llava_original, models
+
+    args, loaded = st.args, st.loaded
+    if loaded.original_llava is not None:
+        try:
+            loaded.model, st.processor = llava_original.build_multimodal(
+                loaded.model, loaded.tokenizer, loaded.original_llava, args.vision_tower, args.cache_dir)
+        except llava_original.OriginalLlavaError as exc:
+            raise UsageError(str(exc)) from exc
+        loaded.multimodal = True
+    elif loaded.multimodal:
+        st.processor = models.load_processor(args.model, args.cache_dir)
+    if st.processor is None:
+        what = "a text-only model" if not loaded.multimodal else "a LLaVA checkpoint without a processor"
+        raise UsageError(f"image-text calibration and --eval_lmms need a LLaVA model; {args.model} is {what}")
 
 
 def allocate(st: Run) -> None:
@@ -514,7 +607,7 @@ def allocate(st: Run) -> None:
         st.profile = Profile.uniform(num_layers, args.sparsity_ratio, sparsity_type=str(pattern))
     if args.search in ("sparsity", "joint") or args.layer_allocation == "owl":
         st.profile, st.calib, st.search = allocate_layers(args, model, st.tokenizer, pattern, st.seqlen, st.device,
-                                                          st.offload)
+                                                          st.offload, st.processor)
 
 
 def apply_saved_masks(st: Run) -> None:
@@ -547,7 +640,7 @@ def prune(st: Run) -> None:
         st.result = prune_magnitude(model, profile, pattern, device, offload)
     else:
         if st.calib is None:  # the search or OWL may have drawn it already
-            st.calib = load_calibration(args, st.tokenizer, st.seqlen)
+            st.calib = load_calibration(args, st.tokenizer, st.seqlen, st.processor)
         calib = st.calib
         if profile.meta.get("shipped") == "oneshot" and method in ("wanda", "optspa") and not pattern.structured:
             from lib.oneshot import prune_oneshot
@@ -612,6 +705,11 @@ def evaluation_plan(st: Run) -> dict:
         plan[f"ppl:{name}"] = ppl
     if args.eval_zero_shot:
         plan["zero_shot"] = lambda: eval_zero_shot(st.model, st.tokenizer)
+    if args.eval_lmms:
+        from lib.lmms_adapter import evaluate as lmms_evaluate
+
+        plan["lmms"] = lambda: lmms_evaluate(st.model, st.processor, lmms_tasks(args), device=st.device,
+                                             include_path=args.lmms_include, limit=args.lmms_limit)
     return plan
 
 
@@ -622,6 +720,7 @@ def evaluate(st: Run) -> None:
     results = run_evaluations(st.model, st.kv, evaluation_plan(st))
     st.ppl = {k.split(":", 1)[1]: v for k, v in results.items() if k.startswith("ppl:")}
     st.zero_shot = results.get("zero_shot")
+    st.lmms = results.get("lmms")
     if st.zero_shot is not None:
         logger.info("zero-shot results: %s", json.dumps(st.zero_shot, default=str))
 
@@ -748,12 +847,23 @@ def save_results(st: Run) -> None:
         **meta, "seqlen": st.seqlen, "ppl": st.ppl, "per_layer_sparsity": st.per_layer,
         "calib_seconds": st.result.calib_seconds if st.result is not None else 0.0,
         "prune_seconds": st.result.prune_seconds if st.result is not None else 0.0, "zero_shot": st.zero_shot,
+        "lmms": st.lmms, "calibration": calibration_summary(st),
         "kv": None if kv is None else {**kv.to_dict(), **kv_report},
         "search": None if search is None else {
             "study_name": search.study_name, "storage": search.storage.split("@")[-1],
             **search.summary(), "files": search.files},
     })
     logger.info("wrote results to %s", args.save)
+
+
+def calibration_summary(st: Run) -> dict | None:
+    """Token counts of image-text calibration windows (how many of the calibration tokens are image tokens)."""
+    if not st.calib or st.processor is None or getattr(st.calib[0], "mm_inputs", None) is None:
+        return None
+    from lib import mmdata
+
+    image_id = st.processor.tokenizer.convert_tokens_to_ids(st.processor.image_token)
+    return mmdata.window_stats(st.calib, image_id).as_dict()
 
 
 def save_model(st: Run) -> None:

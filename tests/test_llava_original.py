@@ -232,3 +232,32 @@ def test_packed_cache_with_image_tokens_equals_simulation(tmp_path, bits):
     assert rep["fp16_bytes_per_token"] == fp16
     # stored bytes: the configured rate for the quantized tokens, more for the full-precision residual window
     assert rep["kv_bytes_per_token_configured"] < rep["kv_bytes_per_token_measured"] < fp16
+
+
+def test_cli_original_checkpoint_with_image_calibration_and_vision_tower(tmp_path, data_dir, capsys):
+    """Image-text calibration of an original checkpoint: the vision tower from --vision_tower, the statistics
+    through the full multimodal forward, the saved folder in the original format (files byte-equal but the
+    weight files, projector untouched)."""
+    _, ckpt, vision_dir = build_original(str(tmp_path))
+    _image().save(tmp_path / "a.png")
+    conv = tmp_path / "conv.json"
+    conv.write_text(json.dumps([{"id": "0", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "value": "a cat on a mat"}]}]))
+    out, saved = tmp_path / "out", tmp_path / "saved"
+    code, log, err = run_cli(["--model", ckpt, "--vision_tower", vision_dir, "--data_dir", data_dir,
+                              "--calib_dataset", str(conv), "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+                              "--nsamples", "2", "--seqlen", "256", "--save", str(out), "--save_model", str(saved),
+                              "--device", "cpu"], capsys)
+    assert code == 0, err
+    res = json.load(open(out / "results_wanda.json"))
+    assert res["calibration"]["image_tokens"] == 2 * 16
+    for name in os.listdir(ckpt):
+        a, b = open(os.path.join(ckpt, name), "rb").read(), open(os.path.join(saved, name), "rb").read()
+        assert (a == b) == (not name.endswith(".safetensors")), name
+    from safetensors.torch import load_file
+
+    new = {k: v for f in os.listdir(saved) if f.endswith(".safetensors") for k, v in load_file(f"{saved}/{f}").items()}
+    old = {k: v for f in os.listdir(ckpt) if f.endswith(".safetensors") for k, v in load_file(f"{ckpt}/{f}").items()}
+    assert new.keys() == old.keys()
+    assert all(torch.equal(new[k], old[k]) for k in old if not k.startswith("model.layers."))
+    assert (new["model.layers.0.mlp.up_proj.weight"] == 0).float().mean() == pytest.approx(0.5)

@@ -179,3 +179,55 @@ def test_testbed_wrapper_prunes_on_image_text_windows(tmp_path):
     prune_optspa(lm.model, wins, Profile.uniform(len(decoder_layers(lm.model)), 0.5), SparsityType())
     total, count = mmdata.image_text_nll(lm.model, wins, "cpu")
     assert torch.isfinite(torch.tensor(total)) and count > 0 and before_ppl > 1
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture
+def llava_folder(tiny_llava, tmp_path):
+    """The tiny LLaVA with a processor that counts the CLS position the model drops (16 image tokens)."""
+    import shutil
+
+    folder = tmp_path / "tiny-llava-proc"
+    shutil.copytree(tiny_llava, folder)
+    load_processor(tiny_llava).save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_cli_image_text_calibration(llava_folder, tiny_set, data_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    code, log, err = run_cli(["--model", llava_folder, "--data_dir", data_dir, "--calib_dataset", tiny_set,
+                              "--prune_method", "wanda", "--sparsity_ratio", "0.5", "--nsamples", "4",
+                              "--seqlen", "256", "--save", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "image-text calibration: 4 windows" in log
+    res = json.load(open(out / "results_wanda.json"))
+    assert res["calibration"]["image_tokens"] == 4 * 16 and res["calibration"]["windows"] == 4
+    assert res["calibration"]["image_token_share"] == pytest.approx(64 / res["calibration"]["tokens"], abs=1e-4)
+    assert all(".language_model.layers." in k for k in json.load(open(out / "masks.json"))["modules"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--calib_dataset", "imagenet"], "--calib_dataset imagenet"),
+    (["--calib_dataset", "missing.json"], "does not exist"),
+    (["--calib_dataset", "IMAGE_SET", "--image_dir", "/no/such/dir"], "--image_dir"),
+    (["--vision_tower", "/no/such/dir"], "--vision_tower"),
+    (["--calib_dataset", "IMAGE_SET", "--objective", "kl", "--search", "sparsity", "--save", "/tmp/x"],
+     "--objective_dataset wikitext2 or c4"),
+])
+def test_cli_bad_image_flags_exit_2(tiny_llama, tiny_set, data_dir, capsys, extra, needle):
+    from conftest import run_cli
+
+    extra = [tiny_set if a == "IMAGE_SET" else a for a in extra]
+    code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--prune_method", "wanda",
+                            "--sparsity_ratio", "0.5", *extra], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_image_calibration_needs_a_llava_model(tiny_llama, tiny_set, data_dir, capsys):
+    from conftest import run_cli
+
+    code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--calib_dataset", tiny_set,
+                            "--prune_method", "wanda", "--sparsity_ratio", "0.5", "--seqlen", "64"], capsys)
+    assert code == 2 and "need a LLaVA model" in err and len(err.strip().splitlines()) == 1

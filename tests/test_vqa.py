@@ -69,3 +69,31 @@ def test_unknown_task_and_missing_package(tiny_llava, monkeypatch):
     monkeypatch.setitem(sys.modules, "lmms_eval.evaluator", None)
     with pytest.raises(lmms_adapter.LmmsUnavailable, match="pip install lmms-eval"):
         lmms_adapter.require_lmms()
+
+
+def test_cli_eval_lmms_writes_results_and_one_line_per_task(tiny_llava, data_dir, tmp_path, capsys):
+    pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval is optional")
+    import shutil
+
+    from conftest import run_cli
+
+    folder = tmp_path / "llava"
+    shutil.copytree(tiny_llava, folder)
+    proc = _load_processor(tiny_llava)
+    proc.num_additional_image_tokens = 1
+    proc.save_pretrained(str(folder))
+    names = _images(tmp_path)
+    jsonl = tmp_path / "vqa.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": n, "question": "the cat", "answers": ["zzqx"]}) + "\n"
+                             for n in names))
+    task = lmms_adapter.write_vqa_task(str(jsonl), str(tmp_path), str(tmp_path / "task"), name="tiny_vqa_cli")
+    out = tmp_path / "out"
+    code, log, err = run_cli(["--model", str(folder), "--data_dir", data_dir, "--seqlen", "64",
+                              "--eval_lmms", "tiny_vqa_cli", "--lmms_include", task, "--save", str(out),
+                              "--kv_bits", "8", "--kv_group_size", "16"], capsys)
+    assert code == 0, err
+    assert sum("lmms-eval tiny_vqa_cli:" in line for line in log.splitlines()) == 1
+    res = json.load(open(out / "results_dense.json"))
+    assert res["lmms"]["tiny_vqa_cli"]["vqa_accuracy"] == 0.0 and res["kv"] is not None
+    code, _, err = run_cli(["--model", str(folder), "--eval_lmms", "no_such_task_xyz"], capsys)
+    assert code == 2 and "unknown lmms-eval task" in err and len(err.strip().splitlines()) == 1
