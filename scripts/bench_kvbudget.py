@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--decode_budget", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only re-render the table (and --readme) from a result file of an earlier run")
     return p.parse_args()
 
 
@@ -236,11 +238,36 @@ def markdown(res: dict) -> str:
     lines += ["", "| goal | value | met |", "|---|---|---|"]
     for k, v in res["goals"].items():
         lines.append(f"| {k} | {v['value']} | {'yes' if v['met'] else 'NO'} |")
+    lines += ["", summary(res)]
     env = res["env"]
     lines += ["", f"Machine: {env['cpu']}, {env['cpu_count']} CPUs shared with other jobs (load average "
               f"{env['loadavg_start'][0]:.1f} at start, {env['loadavg_end'][0]:.1f} at end), torch {env['torch']}, "
               f"{env['threads']} threads; total {res['seconds_total'] / 60:.1f} min."]
     return "\n".join(lines)
+
+
+def summary(res: dict) -> str:
+    """One generated paragraph reading the table (so the README carries no hand-written numbers)."""
+    rows = res["quality"]["rows"]
+    hs = [r for r in rows.values() if r["method"] == "headscore"]
+    wins = [r for r in hs if r["ppl"] < rows[f"snapkv|{r['budget']}|{r['bits']}"]["ppl"]]
+    gaps = [100.0 * (rows[f"snapkv|{r['budget']}|{r['bits']}"]["ppl"] - r["ppl"]) / r["ppl"] for r in hs]
+    text = (f"Reading it: head-score budgets beat uniform SnapKV in {len(wins)} of {len(hs)} (budget, bits) cells "
+            f"(SnapKV's perplexity is {min(gaps):+.1f}% to {max(gaps):+.1f}% relative to head-score's).")
+    r256 = rows.get("headscore|256|16")
+    if r256 is not None:
+        d = r256["ppl_vs_full_pct"]
+        text += (f" At 256 tokens per head the head-score cache is {d:+.2f}% from the full cache's perplexity: the "
+                 f"5% goal is {'met' if d <= 5 else f'missed by {d - 5:.2f} points'}.")
+    within = sorted(r["budget"] for r in hs if r["bits"] == 16 and r["ppl_vs_full_pct"] <= 5.0)
+    text += (f" The smallest budget within 5% here is {within[0]}." if within else
+             " No budget measured here is within 5% of the full cache.")
+    q8 = [r for r in rows.values() if r["bits"] == 8 and r["method"] != "full"]
+    worst8 = max(abs(r["ppl"] - rows[f"{r['method']}|{r['budget']}|16"]["ppl"]) /
+                 rows[f"{r['method']}|{r['budget']}|16"]["ppl"] * 100 for r in q8) if q8 else None
+    if worst8 is not None:
+        text += f" 8-bit kept tokens change perplexity by at most {worst8:.2f}% against unquantized eviction."
+    return text
 
 
 def goals(res: dict) -> dict:
@@ -276,6 +303,14 @@ def write_readme(path: str, table: str) -> None:
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.render:
+        with open(args.render, encoding="utf-8") as f:
+            res = json.load(f)
+        table = markdown(res)
+        print(table)
+        if args.readme:
+            write_readme(args.readme, table)
+        return
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -513,3 +513,19 @@ def test_cli_head_scores_that_do_not_fit(tiny_llama, data_dir, tmp_path, capsys)
     code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--prune_method", "dense", "--seqlen",
                             "32", "--kv_budget", "16", "--kv_window", "4", "--head_scores", str(heads)], capsys)
     assert code == 2 and "outside the model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_readme_table_is_the_scripts_output() -> None:
+    """The README's head-wise budget table is bench_kvbudget's markdown of the committed result file, unedited."""
+    import importlib.util
+    import os
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("bench_kvbudget", os.path.join(root, "scripts", "bench_kvbudget.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = json.load(open(os.path.join(root, "scripts", "results", "kvbudget_cpu.json"), encoding="utf-8"))
+    text = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    m = re.search(r"<!-- bench_kvbudget:start -->\n(.*?)\n<!-- bench_kvbudget:end -->", text, flags=re.S)
+    assert m and m.group(1) == bench.markdown(res)
