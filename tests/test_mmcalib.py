@@ -231,3 +231,20 @@ def test_cli_image_calibration_needs_a_llava_model(tiny_llama, tiny_set, data_di
     code, _, err = run_cli(["--model", tiny_llama, "--data_dir", data_dir, "--calib_dataset", tiny_set,
                             "--prune_method", "wanda", "--sparsity_ratio", "0.5", "--seqlen", "64"], capsys)
     assert code == 2 and "need a LLaVA model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_readme_llava_table_is_the_scripts_output():
+    """The README's LLaVA table is bench_llava.py's output for the committed result file, to the letter."""
+    import importlib.util
+    import re
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_llava", os.path.join(ROOT, "scripts", "bench_llava.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.load(open(os.path.join(ROOT, "scripts", "results", "llava_cpu.json"), encoding="utf-8"))
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    m = re.search(r"<!-- bench_llava:start -->\n(.*?)\n<!-- bench_llava:end -->", text, flags=re.S)
+    assert m, "README.md lacks the bench_llava markers"
+    assert m.group(1) == bench.markdown(result)
