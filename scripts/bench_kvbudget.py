@@ -78,6 +78,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--decode_budget", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--speed_only", action="store_true",
+                   help="re-measure only decode speed (head scores from --out) and update --out")
+    p.add_argument("--speed_threads", type=int, default=1,
+                   help="torch threads while timing decode (1: CPU time then excludes time other jobs hold the core)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only re-render the table (and --readme) from a result file of an earlier run")
     return p.parse_args()
@@ -140,14 +144,15 @@ def quality(model, tokens: torch.Tensor, scores: torch.Tensor, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ speed
-def _decode(model, cache, first: torch.Tensor, steps: int) -> float:
+def _decode(model, cache, first: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(wall tokens/s, CPU-time tokens/s) of ``steps`` greedy decode steps."""
     tok = first
     with torch.inference_mode(), kv_budget_attention(model):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
             tok = logits.argmax(-1, keepdim=True)
-        return steps / (time.perf_counter() - t0)
+        return steps / (time.perf_counter() - t0), steps / (time.process_time() - c0)
 
 
 def speed(model, tokens: torch.Tensor, scores: torch.Tensor, args) -> dict:
@@ -164,16 +169,28 @@ def speed(model, tokens: torch.Tensor, scores: torch.Tensor, args) -> dict:
         f"head-score {args.decode_budget}": lambda: EvictionKVCache.from_prefill(hs, states),
         f"head-score {args.decode_budget} + 8 bit": lambda: EvictionKVCache.from_prefill(hs, states, kv_config=kv8),
     }
-    rates: dict[str, list[float]] = {name: [] for name in methods}
-    for name, make in methods.items():  # warm-up
-        _decode(model, make(), first, 4)
-    for _ in range(args.rounds):
-        for name, make in methods.items():
-            rates[name].append(_decode(model, make(), first, args.decode_tokens))
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.speed_threads)
+    try:
+        for name, make in methods.items():  # warm-up
+            _decode(model, make(), first, 4)
+        for _ in range(args.rounds):  # interleaved, so load changes hit every method alike
+            for name, make in methods.items():
+                rates[name].append(_decode(model, make(), first, args.decode_tokens))
+    finally:
+        torch.set_num_threads(threads)
     base = rates["DynamicCache"]
-    return {name: {"tokens_per_s": statistics.median(r),
-                   "speed_vs_dynamic": statistics.median(x / b for x, b in zip(r, base)),
-                   "all_rounds": [round(x, 2) for x in r]} for name, r in rates.items()}
+    out = {}
+    for name, r in rates.items():
+        out[name] = {"tokens_per_s": statistics.median(x[0] for x in r),
+                     "cpu_tokens_per_s": statistics.median(x[1] for x in r),
+                     # paired per round against DynamicCache: CPU time (robust to other jobs), and wall time
+                     "speed_vs_dynamic": statistics.median(x[1] / b[1] for x, b in zip(r, base)),
+                     "wall_speed_vs_dynamic": statistics.median(x[0] / b[0] for x, b in zip(r, base)),
+                     "threads": args.speed_threads,
+                     "all_rounds_wall": [round(x[0], 2) for x in r], "all_rounds_cpu": [round(x[1], 2) for x in r]}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ llava
@@ -230,11 +247,14 @@ def markdown(res: dict) -> str:
             cells.append(f"{r['ppl']:.3f} ({r['ppl_vs_full_pct']:+.2f}%) | {r['ratio_to_fp16_full']:.3f}")
         lines.append(f"| {budget if budget is not None else 'all'} | {names[method]} | " + " | ".join(cells) + " |")
     sp = res["speed"]
-    lines += ["", f"Decode at {res['args']['prefill']} context ({res['args']['decode_tokens']} greedy steps, median of "
-              f"{res['args']['rounds']} interleaved rounds):", "",
-              "| cache | tokens/s | × DynamicCache |", "|---|---|---|"]
+    threads = next(iter(sp.values())).get("threads", res["env"]["threads"])
+    lines += ["", f"Decode at {res['args']['prefill']} context ({res['args']['decode_tokens']} greedy steps after the "
+              f"prefill, median of {res['args']['rounds']} interleaved rounds, {threads} torch thread(s); CPU-time "
+              "rates, paired per round with DynamicCache; wall-time ratio beside):", "",
+              "| cache | tokens/s (CPU time) | × DynamicCache | wall × DynamicCache |", "|---|---|---|---|"]
     for name, r in sp.items():
-        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speed_vs_dynamic']:.2f} |")
+        lines.append(f"| {name} | {r.get('cpu_tokens_per_s', r['tokens_per_s']):.1f} | {r['speed_vs_dynamic']:.2f} | "
+                     f"{r.get('wall_speed_vs_dynamic', r['speed_vs_dynamic']):.2f} |")
     lines += ["", "| goal | value | met |", "|---|---|---|"]
     for k, v in res["goals"].items():
         lines.append(f"| {k} | {v['value']} | {'yes' if v['met'] else 'NO'} |")
@@ -319,6 +339,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     tokens = get_eval_tokens("wikitext2", tok, data_dir=args.data_dir)
     num_layers, kv_heads, head_dim = kv_dims(model)
+    res_env_load = os.getloadavg()
     res: dict = {
         "env": {"torch": torch.__version__, "transformers": transformers.__version__,
                 "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -327,6 +348,29 @@ def main() -> None:
         "model": args.model, "num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
         "heads": model.config.num_attention_heads, "eval_tokens": int(tokens.numel()), "args": vars(args),
     }
+    if args.speed_only:
+        with open(args.out, encoding="utf-8") as f:
+            res = json.load(f)
+        from lib.kvbudget import head_scores_from_json
+
+        heads = model.config.num_attention_heads
+        scores = head_scores_from_json(res["head_scores"]["sparsemm_json"], num_layers, heads)
+        for key in ("prefill", "window", "kernel", "pooling", "floor_ratio", "group_size", "token_group_size"):
+            setattr(args, key, res["args"][key])
+        t0 = time.perf_counter()
+        res["speed"] = speed(model, tokens, scores, args)
+        res["args"].update(decode_tokens=args.decode_tokens, rounds=args.rounds, decode_budget=args.decode_budget,
+                           speed_threads=args.speed_threads)
+        res["speed_rerun"] = {"loadavg_start": res_env_load, "loadavg_end": os.getloadavg(),
+                              "seconds": round(time.perf_counter() - t0, 1)}
+        from lib.io import write_json
+
+        write_json(args.out, res)
+        table = markdown(res)
+        print(table)
+        if args.readme:
+            write_readme(args.readme, table)
+        return
     t0 = time.perf_counter()
     per_sample = copy_head_scores(model, n_samples=args.probe_samples, length=args.probe_length)
     scores = head_score_tensor(per_sample, num_layers, model.config.num_attention_heads)
