@@ -97,3 +97,25 @@ def test_cli_eval_lmms_writes_results_and_one_line_per_task(tiny_llava, data_dir
     assert res["lmms"]["tiny_vqa_cli"]["vqa_accuracy"] == 0.0 and res["kv"] is not None
     code, _, err = run_cli(["--model", str(folder), "--eval_lmms", "no_such_task_xyz"], capsys)
     assert code == 2 and "unknown lmms-eval task" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_eval_lmms_on_an_original_checkpoint(data_dir, tmp_path, capsys):
+    """An original LLaVA checkpoint: --eval_lmms builds the multimodal model around the pruned language model
+    (vision tower from --vision_tower) and lmms-eval scores it in memory."""
+    pytest.importorskip("lmms_eval.evaluator", reason="lmms-eval is optional")
+    from conftest import run_cli
+    from test_llava_original import build_original
+
+    _, ckpt, vision_dir = build_original(str(tmp_path))
+    names = _images(tmp_path)
+    jsonl = tmp_path / "vqa.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": n, "question": "what", "answers": ["zzqx"]}) + "\n" for n in names))
+    task = lmms_adapter.write_vqa_task(str(jsonl), str(tmp_path), str(tmp_path / "task"), name="orig_vqa_cli")
+    out = tmp_path / "out"
+    code, log, err = run_cli(["--model", ckpt, "--vision_tower", vision_dir, "--data_dir", data_dir,
+                              "--seqlen", "64", "--prune_method", "magnitude", "--sparsity_ratio", "0.5",
+                              "--eval_lmms", "orig_vqa_cli", "--lmms_include", task, "--save", str(out)], capsys)
+    assert code == 0, err
+    res = json.load(open(out / "results_magnitude.json"))
+    assert set(res["lmms"]["orig_vqa_cli"]) >= {"vqa_accuracy", "exact_match"}
+    assert res["actual_sparsity"] == pytest.approx(0.5, abs=0.01)
