@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objective", default="ppl", choices=["ppl", "kl"],
                    help="trial score: validation perplexity (default, the paper's), or KL divergence to the dense "
                         "model's next-token distribution on calibration text (streamed window by window)")
-    s.add_argument("--objective_dataset", default=None, choices=["wikitext2", "c4"],
+    s.add_argument("--objective_dataset", default=None,
                    help="objective text: default wikitext2 validation for ppl, calibration-dataset text "
                         "(fresh windows) for kl; never a test split")
     s.add_argument("--objective_nsamples", type=int, default=64,
@@ -187,9 +187,12 @@ def validate_multimodal(args) -> None:
     if args.calib_dataset not in ("c4", "wikitext2") and not mmdata.is_image_text(args.calib_dataset):
         raise UsageError(f"--calib_dataset {args.calib_dataset}: choose c4, wikitext2, "
                          f"{', '.join(mmdata.HUB_SETS)} or a LLaVA conversation .json/.jsonl file")
-    if args.search is not None and mmdata.is_image_text(args.objective_dataset or ""):
-        raise UsageError("the search objective is text perplexity or KL on text; an image-text calibration set "
-                         "cannot be it yet: pass --objective_dataset wikitext2 or c4")
+    objective = args.objective_dataset
+    if objective is not None and objective not in ("c4", "wikitext2") and not mmdata.is_image_text(objective):
+        raise UsageError(f"--objective_dataset {objective}: choose wikitext2, c4, {', '.join(mmdata.HUB_SETS)} or a "
+                         "LLaVA conversation .json/.jsonl file")
+    if args.search is not None and mmdata.is_image_text(objective or "") and args.objective != "ppl":
+        raise UsageError("an image-text search objective is image-conditioned perplexity: use --objective ppl")
     for flag, folder in (("--image_dir", args.image_dir), ("--vision_tower", args.vision_tower),
                          ("--lmms_include", args.lmms_include)):
         if folder is not None and not os.path.isdir(folder):
@@ -214,7 +217,8 @@ def wants_images(args) -> bool:
     """Whether the run needs the vision side (image-text calibration or lmms-eval)."""
     from lib import mmdata
 
-    return (needs_calibration(args) and mmdata.is_image_text(args.calib_dataset)) or args.eval_lmms is not None
+    return (needs_calibration(args) and mmdata.is_image_text(args.calib_dataset)) or args.eval_lmms is not None \
+        or (args.search is not None and mmdata.is_image_text(args.objective_dataset or ""))
 
 
 def validate(args) -> "SparsityType":
@@ -291,6 +295,11 @@ def resolve_search(args, pattern) -> None:
         args.trial_mode = "sequential" if args.prune_method == "sparsegpt" else "oneshot"
     if args.objective_dataset is None:
         args.objective_dataset = args.calib_dataset if args.objective == "kl" else "wikitext2"
+    from lib import mmdata
+
+    if args.search is not None and mmdata.is_image_text(args.objective_dataset) and args.objective != "ppl":
+        raise UsageError("an image-text search objective is image-conditioned perplexity: use --objective ppl "
+                         "(or --objective_dataset wikitext2 or c4)")
 
 
 def search_config(args, target: float):
@@ -371,12 +380,23 @@ def load_calibration(args, tokenizer, seqlen: int, processor=None):
     return calib
 
 
-def objective_tokens(args, tokenizer, seqlen: int):
+def objective_tokens(args, tokenizer, seqlen: int, processor=None):
     """The search objective's text as ``[1, N]`` ids: a validation split for ppl; for kl, fresh windows of the
-    calibration dataset (another seed than the calibration draw). Never a test split."""
+    calibration dataset (another seed than the calibration draw). Never a test split. An image-text dataset
+    gives image-text windows (another seed than the calibration draw), scored on image-conditioned loss."""
     import torch
 
-    from lib import data
+    from lib import data, mmdata
+
+    if mmdata.is_image_text(args.objective_dataset):
+        image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        windows = mmdata.get_image_text_calibration(args.objective_dataset, processor, args.objective_nsamples,
+                                                    args.seed + 1, seqlen, image_id, args.data_dir, args.image_dir,
+                                                    args.cache_dir)
+        stats = mmdata.window_stats(windows, image_id)
+        logger.info("image-text objective: %d windows, %d tokens, %d image tokens (not scored)", stats.windows,
+                    stats.tokens, stats.image_tokens)
+        return windows
 
     if args.objective == "kl" and args.objective_dataset == args.calib_dataset:
         windows = data.get_calibration(args.objective_dataset, tokenizer, args.objective_nsamples, args.seed + 1,
@@ -403,14 +423,14 @@ def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, pr
     cfg = search_config(args, args.sparsity_ratio)
     if args.num_blocks is None:
         cfg.num_blocks = min(cfg.num_blocks, num_layers)
-    result = run_search(model, cfg, calib=calib, objective_ids=objective_tokens(args, tokenizer, seqlen),
+    result = run_search(model, cfg, calib=calib, objective_ids=objective_tokens(args, tokenizer, seqlen, processor),
                         seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
                         model_name=args.model, kv_kwargs=kv_kwargs(args), trial_kv=kv_config(args, model, None))
     result.profile.sparsity_type = str(pattern)
     return result.profile, calib, result
 
 
-def search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload):
+def search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload, processor=None):
     """KV bits per layer searched on the model as it is now (pruned or dense); returns (profile, result)."""
     from lib import models
     from lib.profile import Profile
@@ -419,7 +439,7 @@ def search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload)
     num_layers = len(models.decoder_layers(model))
     base = profile or Profile.uniform(num_layers, 0.0, sparsity_type=str(pattern))
     cfg = search_config(args, args.sparsity_ratio or 0.0)
-    result = run_search(model, cfg, calib=None, objective_ids=objective_tokens(args, tokenizer, seqlen),
+    result = run_search(model, cfg, calib=None, objective_ids=objective_tokens(args, tokenizer, seqlen, processor),
                         seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
                         model_name=args.model, base_profile=base, kv_kwargs=kv_kwargs(args))
     result.profile.method = args.prune_method
@@ -516,7 +536,7 @@ def needs_calibration(args) -> bool:
 
 def check_inputs(args) -> Run:
     """Stage 1: every flag, output folder and local dataset checked before anything is loaded."""
-    from lib import data
+    from lib import data, mmdata
 
     pattern = validate(args)
     device = resolve_device(args.device)
@@ -532,7 +552,10 @@ def check_inputs(args) -> Run:
         data.check_available(name, "test" if name == "wikitext2" else "validation", args.data_dir)
     if args.search is not None:
         kl_on_calib = args.objective == "kl" and args.objective_dataset == args.calib_dataset
-        data.check_available(args.objective_dataset, "train" if kl_on_calib else "validation", args.data_dir)
+        if mmdata.is_image_text(args.objective_dataset):
+            mmdata.check_available(args.objective_dataset, args.data_dir, args.image_dir)
+        else:
+            data.check_available(args.objective_dataset, "train" if kl_on_calib else "validation", args.data_dir)
     return Run(args=args, pattern=pattern, device=device, method=args.prune_method)
 
 
@@ -552,6 +575,12 @@ def load(st: Run) -> None:
     dtype = next(model.parameters()).dtype
     buffers = models.calib_buffer_bytes(args.nsamples, st.seqlen, models.text_config(model).hidden_size, dtype) \
         if needs_calibration(args) else 0
+    if args.search in ("sparsity", "joint") and args.trial_mode == "oneshot":
+        from lib.search_space import band_bytes_estimate
+
+        linears = sum(m.weight.numel() for layer in models.decoder_layers(model)
+                      for m in models.find_linears(layer).values())
+        buffers += band_bytes_estimate(linears, dtype.itemsize, args.sparsity_range)  # beside the weights
     try:
         st.offload = models.should_offload(model, st.device, args.offload, buffer_bytes=buffers)
     except models.DeviceMemoryError as exc:
@@ -662,7 +691,7 @@ def prune(st: Run) -> None:
 def search_kv_bits(st: Run) -> None:
     """Stage 4b (--search kv): KV bits per layer searched on the model as pruned."""
     st.profile, st.search = search_kv(st.args, st.model, st.tokenizer, st.profile, st.pattern, st.seqlen,
-                                      st.device, st.offload)
+                                      st.device, st.offload, st.processor)
 
 
 def report_sparsity(st: Run) -> None:

@@ -6,6 +6,10 @@ summed in float64, in window order), so the value over all windows is bit-for-bi
 log-probabilities are computed once and kept on disk as float16 (a memory map in a temporary folder), and a
 trial reads one window at a time: memory never holds more than one window's logits.
 
+Image-text objectives (LLaVA): ``ids`` may instead be a list of windows of different lengths carrying their
+pixel inputs (:mod:`lib.mmdata`); each runs the full multimodal forward and the perplexity is over the text
+tokens only (image positions are not predicted), the image-conditioned loss of :func:`lib.mmdata.image_text_nll`.
+
 After every ``report_every`` windows the running value (over the windows scored so far, the same windows in
 the same order for every trial, so values at one step compare) goes to ``report(step, value)``; when
 ``should_stop()`` answers true the evaluation ends early and :class:`Stopped` carries how far it got.
@@ -39,19 +43,25 @@ class Stopped(Exception):
 
 
 class Objective:
-    def __init__(self, model: nn.Module, ids: torch.Tensor, seqlen: int, nsamples: int, device, offload: bool,
-                 kind: str = "ppl", batch_size: int = 1, report_every: int | None = None,
+    def __init__(self, model: nn.Module, ids: torch.Tensor | list[torch.Tensor], seqlen: int, nsamples: int, device,
+                 offload: bool, kind: str = "ppl", batch_size: int = 1, report_every: int | None = None,
                  workdir: str | None = None):
         self.model, self.seqlen, self.device, self.offload = model, seqlen, device, offload
         self.kind, self.batch_size = kind, batch_size
-        self.nwin = min(nsamples, ids.numel() // seqlen)
-        if self.nwin < 1:
-            raise SearchError(f"objective text has {ids.numel()} tokens, fewer than one {seqlen}-token window")
-        if self.nwin < nsamples:
-            logger.warning("objective text holds %d windows of %d tokens; using %d, not %d",
-                           self.nwin, seqlen, self.nwin, nsamples)
-        self.ids = ids[:, : self.nwin * seqlen]
-        self.batches = windows(self.ids, seqlen, batch_size)
+        self.image_text = isinstance(ids, (list, tuple))
+        if self.image_text:
+            if kind != "ppl" or offload:
+                raise SearchError("an image-text objective is image-conditioned perplexity with the model on the "
+                                  "device (--objective ppl, --offload off)")
+            if not ids:
+                raise SearchError("the image-text objective has no windows")
+            self.batch_size = batch_size = 1
+            ids = list(ids)[:nsamples]
+            if len(ids) < nsamples:
+                logger.warning("objective data holds %d windows; using %d, not %d", len(ids), len(ids), nsamples)
+            self.nwin, self.ids, self.batches = len(ids), None, ids
+        else:
+            self._text_windows(ids, nsamples)
         # Rungs: about eight reports per evaluation, on batch boundaries.
         per = report_every or max(1, self.nwin // 8)
         self.rungs = sorted({min(self.nwin, max(batch_size, (r // batch_size) * batch_size))
@@ -59,6 +69,17 @@ class Objective:
         self._dense_dir = self._dense = None
         if kind == "kl":
             self._store_dense_logprobs(workdir)
+
+    def _text_windows(self, ids: torch.Tensor, nsamples: int) -> None:
+        seqlen = self.seqlen
+        self.nwin = min(nsamples, ids.numel() // seqlen)
+        if self.nwin < 1:
+            raise SearchError(f"objective text has {ids.numel()} tokens, fewer than one {seqlen}-token window")
+        if self.nwin < nsamples:
+            logger.warning("objective text holds %d windows of %d tokens; using %d, not %d",
+                           self.nwin, seqlen, self.nwin, nsamples)
+        self.ids = ids[:, : self.nwin * seqlen]
+        self.batches = windows(self.ids, seqlen, self.batch_size)
 
     # ------------------------------------------------------------------ dense distribution (kl)
     @torch.no_grad()
@@ -101,6 +122,10 @@ class Objective:
     @torch.no_grad()
     def _batch_terms(self, batches: list[torch.Tensor], start: int) -> list[tuple[float, int]]:
         """(sum of the batch's objective terms, token count) per batch, in order."""
+        if self.image_text:
+            from .mmdata import image_text_nll
+
+            return [image_text_nll(self.model, [w], self.device) for w in batches]
         if self.kind == "ppl":
             if self.offload:  # layer by layer: one chunk at a time through the capture path
                 total = _nll_layerwise(self.model, batches, self.device, "objective")
@@ -116,7 +141,7 @@ class Objective:
         return out
 
     def value_of(self, total: float, tokens: int) -> float:
-        if self.kind == "ppl":  # Wanda's protocol: windows x seqlen tokens
+        if self.kind == "ppl":  # Wanda's protocol: windows x seqlen tokens (text tokens of image windows)
             return float(torch.exp(torch.tensor(total, dtype=torch.float64) / tokens))
         return total / tokens
 

@@ -63,8 +63,16 @@ def scoring_fingerprint(model: nn.Module, objective_ids: torch.Tensor, seqlen: i
     dtype. A study refuses trials scored
     on anything else, so a resumed or shared study never mixes values that are not comparable."""
     h = hashlib.sha256()
-    nwin = max(0, min(objective_nsamples, objective_ids.numel() // seqlen))
-    h.update(objective_ids[:, : nwin * seqlen].contiguous().cpu().numpy().tobytes())
+    if isinstance(objective_ids, (list, tuple)):  # image-text windows: their tokens and pixels
+        nwin = min(objective_nsamples, len(objective_ids))
+        for w in objective_ids[:nwin]:
+            h.update(w.contiguous().cpu().numpy().tobytes())
+            for v in (getattr(w, "mm_inputs", None) or {}).values():
+                if isinstance(v, torch.Tensor):
+                    h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
+    else:
+        nwin = max(0, min(objective_nsamples, objective_ids.numel() // seqlen))
+        h.update(objective_ids[:, : nwin * seqlen].contiguous().cpu().numpy().tobytes())
     for window in calib or []:
         h.update(window.contiguous().cpu().numpy().tobytes())
     dtype = next(model.parameters()).dtype

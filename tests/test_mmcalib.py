@@ -214,7 +214,7 @@ def test_cli_image_text_calibration(llava_folder, tiny_set, data_dir, tmp_path, 
     (["--calib_dataset", "IMAGE_SET", "--image_dir", "/no/such/dir"], "--image_dir"),
     (["--vision_tower", "/no/such/dir"], "--vision_tower"),
     (["--calib_dataset", "IMAGE_SET", "--objective", "kl", "--search", "sparsity", "--save", "/tmp/x"],
-     "--objective_dataset wikitext2 or c4"),
+     "image-conditioned perplexity"),
 ])
 def test_cli_bad_image_flags_exit_2(tiny_llama, tiny_set, data_dir, capsys, extra, needle):
     from conftest import run_cli
@@ -248,3 +248,33 @@ def test_readme_llava_table_is_the_scripts_output():
     m = re.search(r"<!-- bench_llava:start -->\n(.*?)\n<!-- bench_llava:end -->", text, flags=re.S)
     assert m, "README.md lacks the bench_llava markers"
     assert m.group(1) == bench.markdown(result)
+
+
+def test_image_text_objective_is_image_conditioned_perplexity(tiny_llava, tiny_set):
+    """The search objective over image-text windows: the text tokens' perplexity under the full multimodal
+    forward, window by window (the pruner sees running values), equal to image_text_nll."""
+    from lib.objective import Objective
+
+    lm = load_model(tiny_llava, dtype="float32")
+    proc = load_processor(tiny_llava)
+    img_id = lm.model.config.image_token_index
+    wins = calib(tiny_set, proc, 3, 1, 64, img_id)
+    total, count = mmdata.image_text_nll(lm.model, wins, "cpu")
+    steps = []
+    value = Objective(lm.model, wins, 64, 3, "cpu", False)(lambda s, v: steps.append(s))
+    assert value == pytest.approx(float(torch.exp(torch.tensor(total / count, dtype=torch.float64))), rel=1e-9)
+    assert steps == [1, 2]
+
+
+def test_cli_search_scored_on_image_conditioned_loss(llava_folder, tiny_set, data_dir, tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    code, log, err = run_cli(["--model", llava_folder, "--data_dir", data_dir, "--calib_dataset", tiny_set,
+                              "--objective_dataset", tiny_set, "--objective_nsamples", "2", "--prune_method",
+                              "optspa", "--sparsity_ratio", "0.5", "--nsamples", "4", "--n_trials", "3",
+                              "--seqlen", "256", "--save", str(out), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "image-text objective: 2 windows" in log and "trial 0:" in log
+    res = json.load(open(out / "results_optspa.json"))["search"]
+    assert res["shipped_value"] <= res["best_value"] and res["complete_trials"] >= 1

@@ -268,6 +268,12 @@ def test_pruner_stops_trials_which_are_recorded_never_chosen_and_cost_counts_win
     assert r.cost_evals < 16
 
 
+def test_search_budget_caps_the_cost_in_full_evaluations(tiny_llama, data_dir, tmp_path):
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="module", n_trials=50,
+                       budget_evals=3)
+    assert 3 <= r.cost_evals < 4 and len(r.trials) < 50
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "gp", "cmaes", "evolution", "random"])
 def test_every_sampler_proposes_feasible_points(tiny_llama, data_dir, tmp_path, sampler):
     r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="block_module", num_blocks=2,
