@@ -97,11 +97,22 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def cell(self, name: str, fn) -> dict:
-        from lib.io import write_json
-
         path = os.path.join(self.dir, f"{name}.json")
         if os.path.exists(path):
             return json.load(open(path, encoding="utf-8"))
+        try:  # several runners may share the cells: one measures a cell, the others skip it
+            os.close(os.open(path + ".lock", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            logger.info("cell %s is being measured by another runner; skipped", name)
+            return {}
+        try:
+            return self._measure(name, path, fn)
+        finally:
+            os.remove(path + ".lock")
+
+    def _measure(self, name: str, path: str, fn) -> dict:
+        from lib.io import write_json
+
         logger.info("cell %s", name)
         self.snapshot.restore()
         self.kv = None  # the KV quantization the evaluation simulates (set by KV cells)
