@@ -120,9 +120,10 @@ class Bench:
         res = fn()
         res.update({"cell": name, "seconds": time.perf_counter() - t0, "machine": machine(self.args.threads),
                     "nsamples": self.args.nsamples, "seqlen": self.seqlen})
-        res.update(self.evaluate())
+        if not res.pop("skip_eval", False):
+            res.update(self.evaluate())
+            logger.info("cell %s: wikitext2 test %.3f, c4 val %.3f", name, res["wikitext2_test"], res["c4_val"])
         write_json(path, res)
-        logger.info("cell %s: wikitext2 test %.3f, c4 val %.3f", name, res["wikitext2_test"], res["c4_val"])
         return res
 
     def evaluate(self) -> dict:
@@ -205,6 +206,51 @@ class Bench:
         return out
 
 
+    def rank_agreement(self, method: str, target: float, n: int) -> dict:
+        """Oneshot vs sequential ranking: ``n`` random feasible allocations of the default space, each scored
+        on the search objective pruned oneshot (as trials are) and sequentially (as a re-prune is)."""
+        import random
+
+        from lib.objective import Objective
+        from lib.oneshot import OneShotPruner, dense_input_stats
+        from lib.search import prune_sequential
+        from lib.search_space import SearchConfig, SearchSpace, module_shapes, profile_counts, realized_profile
+
+        shapes = module_shapes(self.model)
+        space = SearchSpace(SearchConfig(target=target, granularity=DEFAULT_VARIANT["granularity"],
+                                         sparsity_range=DEFAULT_VARIANT["range"]), shapes,
+                            self.model.config.num_hidden_layers)
+        rng = random.Random(self.args.seed)
+        allocs = [space.allocation(None)] + [
+            space.allocation([rng.randint(lo, hi) for lo, hi in zip(space.lo, space.hi)]) for _ in range(n - 1)]
+        obj = Objective(self.model, self.val_ids, self.seqlen, self.args.objective_nsamples, "cpu", False)
+        stats = dense_input_stats(self.model, self.calib, "cpu")
+        pruner = OneShotPruner(self.model, stats, method, space.count_bounds(), "cpu")
+        profiles = [realized_profile(self.model, a.unit_ratio, target) for a in allocs]
+        oneshot = []
+        for prof in profiles:
+            pruner.apply(profile_counts(prof, shapes))
+            oneshot.append(obj())
+        sequential = []
+        for prof in profiles:
+            self.snapshot.restore()
+            prune_sequential(method, self.model, self.calib, prof, "cpu", False)
+            sequential.append(obj())
+
+        def ranks(xs):
+            order = sorted(range(len(xs)), key=lambda i: xs[i])
+            r = [0] * len(xs)
+            for k, i in enumerate(order):
+                r[i] = k
+            return r
+
+        ra, rb = ranks(oneshot), ranks(sequential)
+        d2 = sum((a - b) ** 2 for a, b in zip(ra, rb))
+        spearman = 1 - 6 * d2 / (n * (n * n - 1))
+        self.snapshot.restore()  # the cell's evaluation then scores the dense model; not a pruned row
+        return {"allocation": "rank", "method": method, "target": target, "profiles": n, "oneshot": oneshot,
+                "sequential": sequential, "spearman": spearman, "skip_eval": True}
+
     # ------------------------------------------------------------------ KV bits (dense or pruned weights)
     def kv_cfg(self, key_bits: list[int], value_bits: list[int]):
         from lib.kvquant import KVQuantConfig
@@ -278,9 +324,10 @@ def markdown(cells: dict, tag: str) -> str:
     if not cells:
         return f"No cells measured yet for `{tag}`."
     any_cell = next(iter(cells.values()))
-    tw = sorted({(c["test_windows"], c["test_windows_total"]) for c in cells.values()})
+    measured = [c for c in cells.values() if "test_windows" in c]
+    tw = sorted({(c["test_windows"], c["test_windows_total"]) for c in measured})
     tw_text = ", ".join("all" if a == b else f"the first {a} of {b}" for a, b in tw)
-    c4w = ", ".join(str(w) for w in sorted({c["c4_windows"] for c in cells.values()}))
+    c4w = ", ".join(str(w) for w in sorted({c["c4_windows"] for c in measured}))
     lines = [f"Model `{tag}`; c4 calibration, {any_cell['nsamples']} windows of {any_cell['seqlen']}; WikiText-2 test "
              f"perplexity ({tw_text} windows, Wanda's protocol) and C4 validation perplexity ({c4w} windows of "
              f"held-out documents); machine: {'; '.join(sorted({c['machine'] for c in cells.values()}))}.", "",
@@ -293,7 +340,8 @@ def markdown(cells: dict, tag: str) -> str:
                      f"|  |  |  |  |  |")
     order = {"uniform": 0, "owl": 1, "search": 2, "kv-uniform": 3, "kv-two-level": 4, "kv-search": 5,
              "joint-search": 6}
-    rows = [c for k, c in cells.items() if k != "dense"]
+    rank = [c for c in cells.values() if c.get("allocation") == "rank"]
+    rows = [c for k, c in cells.items() if k != "dense" and c.get("allocation") != "rank"]
     rows.sort(key=lambda c: (c["target"], order[c["allocation"]], c["method"], c.get("variant", "")))
     for c in rows:
         name = {"uniform": "uniform", "owl": "OWL"}.get(c["allocation"])
@@ -334,6 +382,11 @@ def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
             f"{meta.get('granularity')}, +-{meta.get('sparsity_range')} | {meta.get('shipped')} | "
             f"{cell.get('wikitext2_test', float('nan')):.2f} | {uni.get('wikitext2_test', float('nan')):.2f} | "
             f"{'' if gap is None else f'{gap:.3f}'} |")
+    for c in rank:
+        lines.append("")
+        lines.append(f"Oneshot vs sequential ranking ({c['method']}, {c['target']:.2f}): Spearman "
+                     f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the default space, "
+                     "each scored on the search objective both ways.")
     return "\n".join(lines)
 
 
@@ -372,6 +425,7 @@ def main() -> int:
     p.add_argument("--reprune_top", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rank_profiles", type=int, default=20, help="rank cells: profiles scored both ways")
     p.add_argument("--kv_avg", type=float, default=3.0, help="KV cells: average bits (keys and values)")
     p.add_argument("--kv_choices", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     p.add_argument("--profiles_dir", default=None)
@@ -406,6 +460,11 @@ def main() -> int:
                 for variant in args.variants:
                     for m in args.methods:
                         bench.cell(f"search-{m}-s{t:.2f}-{variant}", lambda m=m, v=variant: bench.search(m, t, v))
+        if "rank" in args.cells:
+            for t in args.targets:
+                for m in args.methods:
+                    bench.cell(f"rank-{m}-s{t:.2f}-n{args.rank_profiles}",
+                               lambda m=m, t=t: bench.rank_agreement(m, t, args.rank_profiles))
         if "kv" in args.cells:  # KV bits where allocation matters: average args.kv_avg over the choices
             lo, hi = int(args.kv_avg) - 1, int(args.kv_avg) + 1
             bench.cell(f"kv-uniform{int(args.kv_avg)}", lambda: bench.kv_uniform(int(args.kv_avg)))
