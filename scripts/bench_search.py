@@ -362,6 +362,11 @@ def markdown(cells: dict, tag: str) -> str:
         lines.append(f"| {c['target']:.2f} | {name} ({c['method']}) | {c['wikitext2_test']:.2f} | {c['c4_val']:.2f} | "
                      f"{c['actual_sparsity']:.4f} | {'' if gap is None else f'{gap:.3f}'} | {cost} | {per_eval} | "
                      f"{mem} | {c['seconds']:.0f} |")
+    for c in rank:
+        lines.append("")
+        lines.append(f"Oneshot vs sequential ranking ({c['method']}, {c['target']:.2f}): Spearman "
+                     f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the default space, "
+                     "each scored on the search objective both ways.")
     return "\n".join(lines)
 
 
@@ -382,11 +387,6 @@ def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
             f"{meta.get('granularity')}, +-{meta.get('sparsity_range')} | {meta.get('shipped')} | "
             f"{cell.get('wikitext2_test', float('nan')):.2f} | {uni.get('wikitext2_test', float('nan')):.2f} | "
             f"{'' if gap is None else f'{gap:.3f}'} |")
-    for c in rank:
-        lines.append("")
-        lines.append(f"Oneshot vs sequential ranking ({c['method']}, {c['target']:.2f}): Spearman "
-                     f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the default space, "
-                     "each scored on the search objective both ways.")
     return "\n".join(lines)
 
 
