@@ -314,7 +314,10 @@ class SearchSpace:
         if self.cfg.searches_sparsity:
             params.update({n: 0 for n in self.param_names()})
         if self.cfg.searches_kv:
-            params.update({n: 0.5 for n in self.kv_param_names()})
+            # Every slot at the largest choice within the budget: uniform bits when the budget is a choice.
+            within = [i for i, c in enumerate(self.kv_choices) if c <= self.kv_budget + 1e-9]
+            prio = (max(within) + 0.5) / len(self.kv_choices)
+            params.update({n: prio for n in self.kv_param_names()})
         return params
 
     def mean_sparsity(self, alloc: Allocation) -> float:

@@ -103,6 +103,16 @@ def test_kv_bits_always_within_budget(choices, budget, separate):
             assert alloc.key_bits == alloc.value_bits
 
 
+@pytest.mark.parametrize("choices,budget", [((2, 3, 4, 6, 8), 3.0), ((6, 8), 8.0), ((4, 6, 8), 6.0)])
+@pytest.mark.parametrize("separate", [False, True])
+def test_kv_trial_0_is_uniform_bits_at_the_budget(choices, budget, separate):
+    cfg = SearchConfig(target=0.5, kind="kv", kv_bits_choices=choices, kv_avg_bits=budget, kv_separate=separate)
+    space = SearchSpace(cfg, _shapes(8), 8)
+    params = space.uniform_params()
+    bits = space.kv_from_priorities([params[n] for n in space.kv_param_names()])
+    assert bits == [int(budget)] * space.kv_slots
+
+
 def test_owl_allocation_mean_shape_and_direction(tiny_llama):
     ratios = owl_allocation([0.01, 0.05, 0.02, 0.03], 0.6, 0.08)
     assert len(ratios) == 4 and sum(ratios) / 4 == pytest.approx(0.6, abs=1e-12)
