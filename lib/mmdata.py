@@ -219,3 +219,15 @@ def image_text_nll(model, windows: list[torch.Tensor], device) -> tuple[float, i
         total += float(nll)
         count += int(keep.sum())
     return total, count
+
+
+def conversations_from_questions(questions: str, out: str) -> str:
+    """A VQA JSONL (image, question, answers) as LLaVA conversation records, one turn each with the first
+    reference answer; written to ``out`` (used by the testbed benchmark and tests)."""
+    rows = [json.loads(line) for line in open(questions, encoding="utf-8") if line.strip()]
+    recs = [{"id": str(i), "image": r["image"],
+             "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
+                               {"from": "gpt", "value": r["answers"][0]}]} for i, r in enumerate(rows)]
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(recs, f)
+    return out

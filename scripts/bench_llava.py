@@ -51,16 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def conversations(questions: str, out: str) -> str:
-    rows = [json.loads(line) for line in open(questions, encoding="utf-8") if line.strip()]
-    recs = [{"id": str(i), "image": r["image"],
-             "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
-                               {"from": "gpt", "value": r["answers"][0]}]} for i, r in enumerate(rows)]
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(recs, f)
-    return out
-
-
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -276,7 +266,9 @@ def main(argv=None) -> int:
     import transformers
 
     work = tempfile.mkdtemp(prefix="bench-llava-")
-    conversations(os.path.join(args.images, "questions.jsonl"), os.path.join(work, "conversations.json"))
+    from lib.mmdata import conversations_from_questions
+
+    conversations_from_questions(os.path.join(args.images, "questions.jsonl"), os.path.join(work, "conversations.json"))
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                          f"transformers {transformers.__version__}, {args.threads} threads",
               "model": os.path.basename(args.model), "nsamples": args.nsamples, "seqlen": args.seqlen,

@@ -19,17 +19,6 @@ TESTBED_LLAVA = os.path.join(TESTBED, "llava-c4-5m")
 TESTBED_IMAGES = os.path.join(TESTBED, "images")
 
 
-def conversations_from_questions(questions: str, out: str) -> str:
-    """The testbed's questions.jsonl as LLaVA conversation records (one turn each, answer = first reference)."""
-    rows = [json.loads(line) for line in open(questions, encoding="utf-8") if line.strip()]
-    recs = [{"id": str(i), "image": r["image"],
-             "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
-                               {"from": "gpt", "value": r["answers"][0]}]} for i, r in enumerate(rows)]
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(recs, f)
-    return out
-
-
 def load_processor(folder):
     """The fixture's processor, counting the CLS position the model drops (num_additional_image_tokens=1), so
     the <image> expansion matches the features (16 for 32 px, 8 px patches)."""
@@ -168,7 +157,7 @@ def test_bad_image_text_input_is_a_one_line_error(tiny_llava, tiny_set, tmp_path
 
 @pytest.mark.skipif(not os.path.isdir(TESTBED_LLAVA), reason="needs the testbed's llava-c4-5m (real LM weights)")
 def test_testbed_wrapper_prunes_on_image_text_windows(tmp_path):
-    conv = conversations_from_questions(os.path.join(TESTBED_IMAGES, "questions.jsonl"), str(tmp_path / "q.json"))
+    conv = mmdata.conversations_from_questions(os.path.join(TESTBED_IMAGES, "questions.jsonl"), str(tmp_path / "q.json"))
     lm = load_model(TESTBED_LLAVA, dtype="float32")
     proc = _load_processor(TESTBED_LLAVA)
     img_id = lm.model.config.image_token_index
