@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "evaluated on a long-context continuation")
     b.add_argument("--kv_budget", type=int, default=None,
                    help="tokens kept per KV head after prefill, window included; evaluates WikiText-2 test "
-                        "continuation perplexity with the eviction cache (and --kv_bits/--kv_profile bits)")
+                        "continuation perplexity with the eviction cache (and --kv_bits/--kv_profile bits). "
+                        "Without it, a --kv_profile/--sparsity_profile that records per-head budgets (kv_budget) "
+                        "is evaluated with those")
     b.add_argument("--head_scores", default=None,
                    help="head scores to allocate --kv_budget by (SparseMM JSON: {\"layer-head\": [scores]}); "
                         "without it the budget is uniform (SnapKV)")
@@ -466,8 +468,9 @@ def kv_config(args, model, profile, searched: bool = False):
 
     num_layers, _, head_dim = kv_dims(model)
     kw = kv_kwargs(args)
+    kv_profile = None if budget_only_profile(args.kv_profile) else args.kv_profile
     try:
-        cfg = KVQuantConfig.from_cli(num_layers, kv_bits=args.kv_bits, kv_profile=args.kv_profile, **kw)
+        cfg = KVQuantConfig.from_cli(num_layers, kv_bits=args.kv_bits, kv_profile=kv_profile, **kw)
         if cfg is None and args.kv_bits is None and profile is not None and profile.key_bits is not None:
             cfg = KVQuantConfig.from_profile(profile, num_layers, **kw)
         if cfg is not None:
@@ -479,6 +482,45 @@ def kv_config(args, model, profile, searched: bool = False):
     if cfg is not None and profile is not None:
         profile.key_bits, profile.value_bits = list(cfg.key_bits), list(cfg.value_bits)
     return cfg
+
+
+def budget_only_profile(path: str | None) -> bool:
+    """--kv_profile names a profile file with per-head budgets (kv_budget) but no KV bits."""
+    if path is None or not os.path.isfile(path):
+        return False
+    from lib.profile import load_profile
+
+    prof = load_profile(path)
+    return prof.key_bits is None and prof.kv_budget is not None
+
+
+def saved_kv_budget(args, model):
+    """The per-head budgets a loaded profile carries (--kv_profile first, then --sparsity_profile), checked
+    against the model before any work; None when --kv_budget is given (it wins) or no profile has them."""
+    from lib import models
+    from lib.kvbudget import KVBudgetConfig
+    from lib.profile import load_profile
+
+    if args.kv_budget is not None:
+        return None
+    for flag, path in (("--kv_profile", args.kv_profile), ("--sparsity_profile", args.sparsity_profile)):
+        if path is None or not os.path.isfile(path):
+            continue
+        entry = load_profile(path).kv_budget
+        if entry is None:
+            continue
+        if args.head_scores is not None:
+            raise UsageError(f"{flag} {path} carries per-head budgets already; give --kv_budget N to allocate "
+                             "anew by --head_scores")
+        cfg = models.text_config(model)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        try:
+            budget = KVBudgetConfig.from_dict(entry).validate(cfg.num_hidden_layers, kv_heads)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{flag} {path}: its kv_budget entry does not fit: {exc}") from exc
+        logger.info("per-head KV budgets from %s %s: %s", flag, path, budget.describe())
+        return budget
+    return None
 
 
 def resolve_device(requested: str | None) -> str:
@@ -519,6 +561,7 @@ class Run:
     zero_shot: Any = None
     processor: Any = None  # the LLaVA processor when the run needs images (wants_images)
     lmms: Any = None  # lmms-eval results per task
+    saved_kv_budget: Any = None  # KVBudgetConfig a loaded profile carries (used when --kv_budget is not given)
 
     @property
     def model(self):
@@ -587,6 +630,11 @@ def load(st: Run) -> None:
         raise UsageError(f"{exc}: lower --nsamples or --seqlen") from exc
     models.place_model(model, st.device, st.offload)
     check_kv_settings(args, model)
+    st.saved_kv_budget = saved_kv_budget(args, model)
+    if st.saved_kv_budget is not None:
+        from lib import data
+
+        data.check_available("wikitext2", "test", args.data_dir)
     if args.search in ("sparsity", "joint") and args.search_granularity == "block" and \
             args.num_blocks is not None and args.num_blocks > num_layers:
         raise UsageError(f"--num_blocks {args.num_blocks} is more than the model's {num_layers} decoder layers")
@@ -801,7 +849,7 @@ def kv_budgets(st: Run) -> None:
             scores, source = head_score_tensor(per_sample, num_layers, heads), args.head_scores_out
         elif args.head_scores is not None:
             scores, source = load_head_scores(args.head_scores, num_layers, heads), args.head_scores
-        if args.kv_budget is None:
+        if args.kv_budget is None and st.saved_kv_budget is None:
             return
         if st.offload:
             raise UsageError("--kv_budget needs the whole model on one device (it ran with --offload)")
@@ -811,9 +859,12 @@ def kv_budgets(st: Run) -> None:
         if prefill + cont > positions:
             raise UsageError(f"--kv_prefill {prefill} + --kv_continuation {cont} exceed the model's {positions} "
                              "positions")
-        budget = KVBudgetConfig.build(args.kv_budget, num_layers, kv_heads, scores, window=args.kv_window,
-                                      floor_ratio=args.kv_budget_floor, kernel=args.kv_kernel,
-                                      pooling=args.kv_pooling, source=source)
+        if st.saved_kv_budget is not None:  # a profile's budgets are used as saved: no scores needed
+            budget = st.saved_kv_budget
+        else:
+            budget = KVBudgetConfig.build(args.kv_budget, num_layers, kv_heads, scores, window=args.kv_window,
+                                          floor_ratio=args.kv_budget_floor, kernel=args.kv_kernel,
+                                          pooling=args.kv_pooling, source=source)
         tokens = data.get_eval_tokens("wikitext2", st.tokenizer, args.data_dir, "test")
         res = evaluate_budget(st.model, tokens, budget, st.kv, prefill, cont, args.kv_segments)
     except ValueError as exc:
@@ -922,7 +973,7 @@ def run(args) -> int:
         search_kv_bits(st)
     report_sparsity(st)
     configure_kv(st)
-    if args.kv_budget is not None or args.head_scores_out is not None:
+    if args.kv_budget is not None or args.head_scores_out is not None or st.saved_kv_budget is not None:
         kv_budgets(st)
     evaluate(st)
     if args.save:

@@ -529,3 +529,49 @@ def test_readme_table_is_the_scripts_output() -> None:
     text = open(os.path.join(root, "README.md"), encoding="utf-8").read()
     m = re.search(r"<!-- bench_kvbudget:start -->\n(.*?)\n<!-- bench_kvbudget:end -->", text, flags=re.S)
     assert m and m.group(1) == bench.markdown(res)
+
+
+def test_cli_profile_budgets_reload(tiny_llama, data_dir, tmp_path, capsys) -> None:
+    """A saved profile's per-head budgets (and bits) are evaluated as saved: the same continuation perplexity,
+    no head scores needed; a budget-only --kv_profile works on a dense model; misfits fail in one line."""
+    from conftest import run_cli
+
+    heads = tmp_path / "heads.json"
+    save_head_scores(str(heads), {(l, h): [float(3 * l + h), 1.0] for l in range(2) for h in range(4)})
+    common = ["--model", tiny_llama, "--data_dir", data_dir, "--nsamples", "2", "--seqlen", "32",
+              "--kv_group_size", "8", "--kv_token_group", "8", "--kv_segments", "2"]
+    first = tmp_path / "first"
+    code, _, err = run_cli([*common, "--prune_method", "wanda", "--sparsity_ratio", "0.5", "--kv_bits", "4",
+                            "--kv_budget", "12", "--kv_window", "4", "--head_scores", str(heads),
+                            "--save", str(first)], capsys)
+    assert code == 0, err
+    saved = json.loads((first / "kv_budget_wanda.json").read_text())
+    profile_path = next(first.glob("profile_*.json"))
+    again = tmp_path / "again"
+    code, out, err = run_cli([*common, "--prune_method", "wanda", "--sparsity_profile", str(profile_path),
+                              "--save", str(again)], capsys)
+    assert code == 0, err
+    assert "per-head KV budgets from --sparsity_profile" in out
+    res = json.loads((again / "kv_budget_wanda.json").read_text())
+    assert res["budget"]["capacities"] == saved["budget"]["capacities"]
+    assert res["kv"]["key_bits"] == [4, 4] and res["ppl_budget"] == saved["ppl_budget"]
+
+    # budgets only (no bits): the dense model with the saved eviction, unquantized
+    data = json.loads(profile_path.read_text())
+    data["kv_bits"] = None
+    budget_only = tmp_path / "budget_only.json"
+    budget_only.write_text(json.dumps(data))
+    dense = tmp_path / "dense"
+    code, out, err = run_cli([*common, "--prune_method", "dense", "--kv_profile", str(budget_only),
+                              "--save", str(dense)], capsys)
+    assert code == 0, err
+    res = json.loads((dense / "kv_budget_dense.json").read_text())
+    assert res["budget"]["capacities"] == saved["budget"]["capacities"] and res["kv"] is None
+
+    code, _, err = run_cli([*common, "--prune_method", "dense", "--kv_profile", str(budget_only),
+                            "--head_scores", str(heads)], capsys)
+    assert code == 2 and "give --kv_budget N" in err and len(err.strip().splitlines()) == 1
+    data["kv_budget"]["capacities"] = [[4, 4, 4]] * 2  # 3 KV heads: another model's budgets
+    budget_only.write_text(json.dumps(data))
+    code, _, err = run_cli([*common, "--prune_method", "dense", "--kv_profile", str(budget_only)], capsys)
+    assert code == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
