@@ -30,7 +30,7 @@ def windows(input_ids: torch.Tensor, seqlen: int, batch_size: int) -> list[torch
     return [flat[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Wanda's per-batch term: mean loss over the shifted tokens times ``seqlen * batch``."""
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     return loss * ids.shape[1] * ids.shape[0]
@@ -54,16 +54,18 @@ def eval_ppl(
         raise ValueError(f"evaluation text has {input_ids.numel()} tokens, fewer than one {seqlen}-token window")
     logger.info("evaluating %s on %d windows of %d tokens", desc, nwin, seqlen)
     if offload:
-        total = _nll_layerwise(model, batches, device, desc)
+        total = nll_layerwise(model, batches, device, desc)
     else:
         total = torch.zeros((), dtype=torch.float64)
         for ids in tqdm(batches, desc=desc, leave=False):
             ids = ids.to(device)
-            total += _window_nll(model(input_ids=ids, use_cache=False).logits, ids).double().cpu()
+            total += window_nll(model(input_ids=ids, use_cache=False).logits, ids).double().cpu()
     return float(torch.exp(total / (nwin * seqlen)))
 
 
-def _nll_layerwise(model: nn.Module, batches: list[torch.Tensor], device, desc: str) -> torch.Tensor:
+def nll_layerwise(model: nn.Module, batches: list[torch.Tensor], device, desc: str) -> torch.Tensor:
+    """Summed :func:`window_nll` of ``batches`` with one decoder layer on ``device`` at a time (offloaded
+    models): all windows go through a layer before the next one is moved in."""
     inputs = capture_layer_inputs(model, batches, device, store_device="cpu")
     for layer in tqdm(decoder_layers(model), desc=f"{desc} (layers)", leave=False):
         with on_device(layer, device):
@@ -72,7 +74,7 @@ def _nll_layerwise(model: nn.Module, batches: list[torch.Tensor], device, desc: 
     total = torch.zeros((), dtype=torch.float64)
     for h, ids in zip(inputs.hidden, batches):
         logits = head(norm(h.to(device)))
-        total += _window_nll(logits, ids.to(device)).double().cpu()
+        total += window_nll(logits, ids.to(device)).double().cpu()
     return total
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .eval import _nll_layerwise, _window_nll, windows
+from .eval import nll_layerwise, window_nll, windows
 from .search_space import SearchError
 
 logger = logging.getLogger(__name__)
@@ -128,9 +128,9 @@ class Objective:
             return [image_text_nll(self.model, [w], self.device) for w in batches]
         if self.kind == "ppl":
             if self.offload:  # layer by layer: one chunk at a time through the capture path
-                total = _nll_layerwise(self.model, batches, self.device, "objective")
+                total = nll_layerwise(self.model, batches, self.device, "objective")
                 return [(float(total), sum(b.numel() for b in batches))]
-            return [(float(_window_nll(self._logits(b), b.to(self.device)).double().cpu()), b.numel())
+            return [(float(window_nll(self._logits(b), b.to(self.device)).double().cpu()), b.numel())
                     for b in batches]
         out, row = [], start
         for b in batches:
