@@ -49,3 +49,13 @@ def test_profiles_table_lists_every_shipped_profile_with_its_measured_ppl():
     assert table == bench.profiles_markdown(profiles, SEARCH_CELLS)
     shipped = sorted(f for f in os.listdir(profiles) if f.endswith(".json"))
     assert [line.split("`")[1] for line in table.splitlines()[2:]] == shipped
+
+
+def test_readme_kvbudget_table_is_the_scripts_output():
+    bench = _script("bench_kvbudget")
+    assert _section(os.path.join(ROOT, "README.md"), "bench_kvbudget") == bench.markdown(_results("kvbudget_cpu.json"))
+
+
+def test_readme_llava_table_is_the_scripts_output():
+    bench = _script("bench_llava")
+    assert _section(os.path.join(ROOT, "README.md"), "bench_llava") == bench.markdown(_results("llava_cpu.json"))

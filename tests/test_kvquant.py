@@ -16,6 +16,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from conftest import tiny_llama_config as base_llama_config
 from lib import kvcache
 from lib.models import decoder_layers
 from lib.profile import Profile
@@ -41,24 +42,10 @@ VOCAB = 128
 IMAGE_TOKEN = 127
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and a busy 2-core box makes OpenMP waits very slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    kw = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256,
-        # wider init than the 0.02 default so that greedy decisions are not near-ties
-        initializer_range=0.1,
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+    # wider init than the 0.02 default so that greedy decisions are not near-ties; room for long prompts
+    return base_llama_config(VOCAB, max_position_embeddings=256, initializer_range=0.1, pad_token_id=None,
+                             **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -222,23 +222,6 @@ def test_cli_image_calibration_needs_a_llava_model(tiny_llama, tiny_set, data_di
     assert code == 2 and "need a LLaVA model" in err and len(err.strip().splitlines()) == 1
 
 
-def test_readme_llava_table_is_the_scripts_output():
-    """The README's LLaVA table is bench_llava.py's output for the committed result file, to the letter."""
-    import importlib.util
-    import re
-
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("bench_llava", os.path.join(ROOT, "scripts", "bench_llava.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = json.load(open(os.path.join(ROOT, "scripts", "results", "llava_cpu.json"), encoding="utf-8"))
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    m = re.search(r"<!-- bench_llava:start -->\n(.*?)\n<!-- bench_llava:end -->", text, flags=re.S)
-    assert m, "README.md lacks the bench_llava markers"
-    assert m.group(1) == bench.markdown(result)
-
-
 def test_image_text_objective_is_image_conditioned_perplexity(tiny_llava, tiny_set):
     """The search objective over image-text windows: the text tokens' perplexity under the full multimodal
     forward, window by window (the pruner sees running values), equal to image_text_nll."""
