@@ -143,6 +143,13 @@ class TrialRunner:
         return prune_sequential(self.cfg.method, self.model, self.calib, prof, self.device, self.offload,
                                 self.cfg.blocksize, self.cfg.percdamp)
 
+    def restore_masks(self, res: PruneResult) -> None:
+        """The model of an earlier (Wanda-style, weight-preserving) re-prune: dense weights, then its masks."""
+        from .masks import apply_masks, unpack
+
+        self.snapshot.restore()
+        apply_masks(self.model, {n: unpack(m, res.shapes[n]) for n, m in res.masks.items()}, list(res.masks))
+
     def score(self, alloc: Allocation, report=None, should_stop=None) -> float:
         from .kvquant import simulate_kv_quant
 
@@ -354,9 +361,8 @@ def _ship(result: SearchResult, runner: TrialRunner, space: SearchSpace, best, c
     if winner is None:  # back to the oneshot model of the best trial, exactly as scored
         runner.snapshot.restore()
         runner.oneshot.rebuild(profile_counts(prof, space.shapes))
-    elif winner is not last:
-        result.prune = runner.reprune(realized_profile(runner.model, _allocation_of(space, winner).unit_ratio,
-                                                       cfg.target))
+    elif winner is not last:  # Wanda-style pruning only zeroes weights: dense x the winner's masks is its model
+        runner.restore_masks(result.prune)
     if winner is not None:
         result.shipped_trial = winner.number
 

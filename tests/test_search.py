@@ -266,6 +266,25 @@ def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, r
         assert torch.equal(mask, w == 0) or bool((w[mask] == 0).all())
 
 
+@pytest.mark.parametrize("method", ["wanda", "optspa"])
+def test_an_earlier_reprune_is_restored_from_its_masks(tiny_llama, data_dir, method):
+    """Shipping a re-prune that was not the last one restores dense weights and its masks: Wanda-style pruning
+    only zeroes weights, so that is its model bit for bit (no second re-prune)."""
+    from types import SimpleNamespace
+
+    from lib.search import TrialRunner, prune_sequential
+
+    lm = load_model(tiny_llama, dtype="float32")
+    calib = data.get_calibration("c4", lm.tokenizer, 4, 0, 32, data_dir)
+    runner = SimpleNamespace(model=lm.model, snapshot=DenseSnapshot(lm.model))
+    first = prune_sequential(method, lm.model, calib, Profile(num_layers=2, sparsity=[0.3, 0.7]), "cpu", False)
+    shipped = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    runner.snapshot.restore()
+    prune_sequential(method, lm.model, calib, Profile(num_layers=2, sparsity=[0.7, 0.3]), "cpu", False)
+    TrialRunner.restore_masks(runner, first)
+    assert all(torch.equal(p, shipped[n]) for n, p in lm.model.named_parameters())
+
+
 def test_pruner_stops_trials_which_are_recorded_never_chosen_and_cost_counts_windows(tiny_llama, data_dir, tmp_path):
     r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="module", n_trials=16,
                        pruner="median", objective_nsamples=8, sparsity_range=0.3, seed=1)
