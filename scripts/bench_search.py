@@ -68,6 +68,32 @@ def split_c4(data_dir: str, work: str, val_docs: int) -> str:
     return out
 
 
+def take_lock(lock: str) -> bool:
+    """Create ``lock`` holding this host and pid; a lock left by a dead process of this host (a killed runner)
+    is taken over, so an interrupted cell is measured again by the next run instead of skipped for ever."""
+    me = f"{platform.node()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = open(lock, encoding="utf-8").read().split()
+                if host != platform.node():
+                    return False  # another machine's runner: not ours to judge
+                os.kill(int(pid), 0)
+                return False  # alive
+            except ProcessLookupError:
+                logger.info("%s: its runner (pid %s) is gone; taking the cell over", lock, pid)
+                os.remove(lock)
+                continue
+            except (OSError, ValueError):  # unreadable, or an old empty lock: leave it to its owner
+                return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        return True
+    return False
+
+
 class Bench:
     def __init__(self, args):
         import torch
@@ -100,9 +126,7 @@ class Bench:
         path = os.path.join(self.dir, f"{name}.json")
         if os.path.exists(path):
             return json.load(open(path, encoding="utf-8"))
-        try:  # several runners may share the cells: one measures a cell, the others skip it
-            os.close(os.open(path + ".lock", os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
+        if not take_lock(path + ".lock"):  # several runners may share the cells: one measures a cell
             logger.info("cell %s is being measured by another runner; skipped", name)
             return {}
         try:

@@ -109,6 +109,16 @@ def data_dir(tmp_path_factory) -> str:
     return str(root)
 
 
+def load_script(name: str):
+    """A script of scripts/ as a module (its functions, without running its main)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run main.py in-process; returns (exit status, stdout, stderr)."""
     import main

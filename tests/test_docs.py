@@ -1,18 +1,10 @@
 """The README's result tables are the benchmark scripts' output for the committed result files, to the letter:
 a hand edit of a number (or a result file changed without regenerating the tables) fails here."""
-import importlib.util
 import json
 import os
 import re
 
-from conftest import ROOT
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import ROOT, load_script as _script
 
 
 def _section(path, name):
