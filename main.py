@@ -468,7 +468,7 @@ def kv_config(args, model, profile, searched: bool = False):
 
     num_layers, _, head_dim = kv_dims(model)
     kw = kv_kwargs(args)
-    kv_profile = None if budget_only_profile(args.kv_profile) else args.kv_profile
+    kv_profile = None if budget_only_profile(args.kv_profile, num_layers) else args.kv_profile
     try:
         cfg = KVQuantConfig.from_cli(num_layers, kv_bits=args.kv_bits, kv_profile=kv_profile, **kw)
         if cfg is None and args.kv_bits is None and profile is not None and profile.key_bits is not None:
@@ -484,13 +484,13 @@ def kv_config(args, model, profile, searched: bool = False):
     return cfg
 
 
-def budget_only_profile(path: str | None) -> bool:
+def budget_only_profile(path: str | None, num_layers: int) -> bool:
     """--kv_profile names a profile file with per-head budgets (kv_budget) but no KV bits."""
     if path is None or not os.path.isfile(path):
         return False
     from lib.profile import load_profile
 
-    prof = load_profile(path)
+    prof = load_profile(path, num_layers)
     return prof.key_bits is None and prof.kv_budget is not None
 
 
@@ -503,10 +503,11 @@ def saved_kv_budget(args, model):
 
     if args.kv_budget is not None:
         return None
+    num_layers = len(models.decoder_layers(model))
     for flag, path in (("--kv_profile", args.kv_profile), ("--sparsity_profile", args.sparsity_profile)):
         if path is None or not os.path.isfile(path):
             continue
-        entry = load_profile(path).kv_budget
+        entry = load_profile(path, num_layers, args.num_blocks).kv_budget
         if entry is None:
             continue
         if args.head_scores is not None:

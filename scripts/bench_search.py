@@ -248,7 +248,8 @@ class Bench:
         allocs = [space.allocation(None)] + [
             space.allocation([rng.randint(lo, hi) for lo, hi in zip(space.lo, space.hi)]) for _ in range(n - 1)]
         obj = Objective(self.model, self.val_ids, self.seqlen, self.args.objective_nsamples, "cpu", False)
-        stats = dense_input_stats(self.model, self.calib, "cpu")
+        calib = self.calib[: self.args.rank_nsamples or len(self.calib)]  # both rankings see the same windows
+        stats = dense_input_stats(self.model, calib, "cpu")
         pruner = OneShotPruner(self.model, stats, method, space.count_bounds(), "cpu")
         profiles = [realized_profile(self.model, a.unit_ratio, target) for a in allocs]
         oneshot = []
@@ -258,7 +259,7 @@ class Bench:
         sequential = []
         for prof in profiles:
             self.snapshot.restore()
-            prune_sequential(method, self.model, self.calib, prof, "cpu", False)
+            prune_sequential(method, self.model, calib, prof, "cpu", False)
             sequential.append(obj())
 
         def ranks(xs):
@@ -272,7 +273,8 @@ class Bench:
         d2 = sum((a - b) ** 2 for a, b in zip(ra, rb))
         spearman = 1 - 6 * d2 / (n * (n * n - 1))
         self.snapshot.restore()  # the cell's evaluation then scores the dense model; not a pruned row
-        return {"allocation": "rank", "method": method, "target": target, "profiles": n, "oneshot": oneshot,
+        return {"allocation": "rank", "method": method, "target": target, "profiles": n, "calib_windows": len(calib),
+                "oneshot": oneshot,
                 "sequential": sequential, "spearman": spearman, "skip_eval": True}
 
     # ------------------------------------------------------------------ KV bits (dense or pruned weights)
@@ -390,7 +392,8 @@ def markdown(cells: dict, tag: str) -> str:
         lines.append("")
         lines.append(f"Oneshot vs sequential ranking ({c['method']}, {c['target']:.2f}): Spearman "
                      f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the default space, "
-                     "each scored on the search objective both ways.")
+                     "each scored on the search objective both ways"
+                     + (f" (pruned with {c['calib_windows']} calibration windows)." if c.get("calib_windows") else "."))
     return "\n".join(lines)
 
 
@@ -450,6 +453,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rank_profiles", type=int, default=20, help="rank cells: profiles scored both ways")
+    p.add_argument("--rank_nsamples", type=int, default=None,
+                   help="rank cells: calibration windows for both prunings (default: all --nsamples)")
     p.add_argument("--kv_avg", type=float, default=3.0, help="KV cells: average bits (keys and values)")
     p.add_argument("--kv_choices", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     p.add_argument("--profiles_dir", default=None)

@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from conftest import ROOT, load_script as _script
 
 
@@ -27,9 +29,9 @@ def test_readme_prune_table_is_the_scripts_output():
 SEARCH_CELLS = os.path.join(ROOT, "scripts", "results", "search_quick")
 
 
-def test_readme_search_table_is_the_scripts_output():
+@pytest.mark.parametrize("tag", sorted(os.listdir(SEARCH_CELLS)))
+def test_readme_search_table_is_the_scripts_output(tag):
     bench = _script("bench_search")
-    tag = "smollm2-135m"
     assert _section(os.path.join(ROOT, "README.md"), f"bench_search_{tag}") == \
         bench.markdown(bench.load_cells(SEARCH_CELLS, tag), tag)
 
