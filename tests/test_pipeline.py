@@ -147,8 +147,21 @@ def test_profile_round_trip_and_original_formats(tmp_path):
         Profile(num_layers=1, sparsity=[1.2]).validate(1)
 
 
-def test_shipped_profiles_are_valid_for_smollm2():
-    """profiles/*.json (searched on SmolLM2-135M: 30 layers) load, validate and hit their target exactly."""
+def _decoder_modules(hidden: int, q: int, kv: int, inter: int) -> dict[str, tuple[int, int]]:
+    return {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+            "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+            "mlp.down_proj": (hidden, inter)}
+
+
+SHIPPED_MODELS = {  # the models profiles/ has searched profiles for: decoder layers and linear shapes
+    "smollm2-135m": (30, _decoder_modules(576, 576, 192, 1536)),
+    "llama-c4-5m": (8, _decoder_modules(192, 192, 64, 512)),
+}
+
+
+def test_shipped_profiles_are_valid_for_their_models():
+    """profiles/*.json (searched on SmolLM2-135M: 30 layers, and on the 8-layer testbed toy) load, validate and
+    hit their target exactly."""
     import glob
     import os
 
@@ -156,14 +169,12 @@ def test_shipped_profiles_are_valid_for_smollm2():
     from lib.search_space import realized_sparsity
 
     files = sorted(glob.glob(os.path.join(ROOT, "profiles", "*.json")))
-    assert files
-    modules = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
-               "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
-               "mlp.down_proj": (576, 1536)}
-    shapes = {(i, n): s for i in range(30) for n, s in modules.items()}
+    assert any(os.path.basename(f).startswith("smollm2-135m_") for f in files)
     for path in files:
-        p = load_profile(path, num_layers=30)
-        p.validate(30, list(modules))
+        layers, modules = SHIPPED_MODELS[os.path.basename(path).split("_profile_")[0]]
+        shapes = {(i, n): s for i in range(layers) for n, s in modules.items()}
+        p = load_profile(path, num_layers=layers)
+        p.validate(layers, list(modules))
         assert p.meta["wasted_fraction"] == 0 and p.meta["shipped"] in ("oneshot", "sequential")
         counts = {u: int(c * p.ratio(*u)) for u, (_, c) in shapes.items()}
         assert abs(realized_sparsity(shapes, counts) - p.target_sparsity) < 1e-4
