@@ -407,9 +407,10 @@ def objective_tokens(args, tokenizer, seqlen: int, processor=None):
     return data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
 
 
-def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, processor=None):
+def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, processor=None, trial_kv=None):
     """Per-layer sparsity from OWL or the search; returns (profile, calibration windows, search result).
-    After a sparsity search the model is pruned as shipped (``result.prune`` holds its masks)."""
+    After a sparsity search the model is pruned as shipped (``result.prune`` holds its masks); ``trial_kv``:
+    the --kv_bits / --kv_profile quantization its trials run under, as the final evaluation does."""
     from lib import models
     from lib.oneshot import dense_input_stats
     from lib.owl import owl_profile
@@ -427,7 +428,7 @@ def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, pr
         cfg.num_blocks = min(cfg.num_blocks, num_layers)
     result = run_search(model, cfg, calib=calib, objective_ids=objective_tokens(args, tokenizer, seqlen, processor),
                         seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
-                        model_name=args.model, kv_kwargs=kv_kwargs(args), trial_kv=kv_config(args, model, None))
+                        model_name=args.model, kv_kwargs=kv_kwargs(args), trial_kv=trial_kv)
     result.profile.sparsity_type = str(pattern)
     return result.profile, calib, result
 
@@ -454,21 +455,41 @@ def kv_kwargs(args) -> dict:
                 scheme=args.kv_scheme)
 
 
-def check_kv_settings(args, model) -> None:
-    """Fail before any search or pruning when the KV flags cannot fit the model (bits, layer count, groups)."""
-    if args.kv_bits is not None or args.kv_profile is not None or args.search in ("kv", "joint"):
-        kv_config(args, model, None, searched=args.search in ("kv", "joint"))
+def read_profile_files(args, num_layers: int) -> dict:
+    """The profile files --kv_profile and --sparsity_profile name, each read and parsed once, keyed by flag
+    (an inline --kv_profile spec such as ``8x16,6x16`` is not a file and is not here)."""
+    from lib.profile import load_profile
+
+    files = {}
+    if args.kv_profile is not None and os.path.isfile(args.kv_profile):
+        files["--kv_profile"] = load_profile(args.kv_profile, num_layers, args.num_blocks)
+    if args.sparsity_profile is not None:
+        files["--sparsity_profile"] = load_profile(args.sparsity_profile, num_layers, args.num_blocks)
+    return files
 
 
-def kv_config(args, model, profile, searched: bool = False):
+def cli_kv_config(args, model, files: dict):
+    """Fail before any search or pruning when the KV flags cannot fit the model (bits, layer count, groups);
+    returns the quantization --kv_bits / --kv_profile ask for (None: none asked)."""
+    searched = args.search in ("kv", "joint")
+    if args.kv_bits is not None or args.kv_profile is not None or searched:
+        return kv_config(args, model, None, files, searched=searched)
+    return None
+
+
+def kv_config(args, model, profile, files: dict, searched: bool = False):
     """The KV quantization to simulate: --kv_bits or --kv_profile, else the bits a profile carries (search or
     --sparsity_profile); None when off. Records the bits in ``profile`` so the saved profile has them.
-    ``searched``: also check the --kv_* settings against the model when the bits are still to be searched."""
+    ``files``: :func:`read_profile_files`. ``searched``: also check the --kv_* settings against the model when
+    the bits are still to be searched."""
     from lib.kvquant import KVQuantConfig, kv_dims
 
     num_layers, _, head_dim = kv_dims(model)
     kw = kv_kwargs(args)
-    kv_profile = None if budget_only_profile(args.kv_profile, num_layers) else args.kv_profile
+    kv_file = files.get("--kv_profile")
+    kv_profile = args.kv_profile if kv_file is None else kv_file
+    if kv_file is not None and kv_file.key_bits is None and kv_file.kv_budget is not None:
+        kv_profile = None  # a budget-only profile: per-head budgets (saved_kv_budget), no bits
     try:
         cfg = KVQuantConfig.from_cli(num_layers, kv_bits=args.kv_bits, kv_profile=kv_profile, **kw)
         if cfg is None and args.kv_bits is None and profile is not None and profile.key_bits is not None:
@@ -484,32 +505,19 @@ def kv_config(args, model, profile, searched: bool = False):
     return cfg
 
 
-def budget_only_profile(path: str | None, num_layers: int) -> bool:
-    """--kv_profile names a profile file with per-head budgets (kv_budget) but no KV bits."""
-    if path is None or not os.path.isfile(path):
-        return False
-    from lib.profile import load_profile
-
-    prof = load_profile(path, num_layers)
-    return prof.key_bits is None and prof.kv_budget is not None
-
-
-def saved_kv_budget(args, model):
+def saved_kv_budget(args, model, files: dict):
     """The per-head budgets a loaded profile carries (--kv_profile first, then --sparsity_profile), checked
     against the model before any work; None when --kv_budget is given (it wins) or no profile has them."""
     from lib import models
     from lib.kvbudget import KVBudgetConfig
-    from lib.profile import load_profile
 
     if args.kv_budget is not None:
         return None
-    num_layers = len(models.decoder_layers(model))
-    for flag, path in (("--kv_profile", args.kv_profile), ("--sparsity_profile", args.sparsity_profile)):
-        if path is None or not os.path.isfile(path):
-            continue
-        entry = load_profile(path, num_layers, args.num_blocks).kv_budget
+    for flag in ("--kv_profile", "--sparsity_profile"):
+        entry = files[flag].kv_budget if flag in files else None
         if entry is None:
             continue
+        path = getattr(args, flag[2:])
         if args.head_scores is not None:
             raise UsageError(f"{flag} {path} carries per-head budgets already; give --kv_budget N to allocate "
                              "anew by --head_scores")
@@ -563,6 +571,8 @@ class Run:
     processor: Any = None  # the LLaVA processor when the run needs images (wants_images)
     lmms: Any = None  # lmms-eval results per task
     saved_kv_budget: Any = None  # KVBudgetConfig a loaded profile carries (used when --kv_budget is not given)
+    profile_files: dict = field(default_factory=dict)  # --kv_profile / --sparsity_profile files, read once
+    cli_kv: Any = None  # the KV quantization --kv_bits / --kv_profile ask for (search trials run under it)
 
     @property
     def model(self):
@@ -630,8 +640,9 @@ def load(st: Run) -> None:
     except models.DeviceMemoryError as exc:
         raise UsageError(f"{exc}: lower --nsamples or --seqlen") from exc
     models.place_model(model, st.device, st.offload)
-    check_kv_settings(args, model)
-    st.saved_kv_budget = saved_kv_budget(args, model)
+    st.profile_files = read_profile_files(args, num_layers)
+    st.cli_kv = cli_kv_config(args, model, st.profile_files)
+    st.saved_kv_budget = saved_kv_budget(args, model, st.profile_files)
     if st.saved_kv_budget is not None:
         from lib import data
 
@@ -666,14 +677,14 @@ def prepare_images(st: Run) -> None:
 def allocate(st: Run) -> None:
     """Stage 3: the per-layer sparsity profile: --sparsity_profile, the uniform ratio, or OWL / the search."""
     from lib import models
-    from lib.profile import Profile, load_profile
+    from lib.profile import Profile
 
     args, model, pattern = st.args, st.model, st.pattern
     if args.masks is not None:  # the masks say what is pruned; a masks run has no profile of its own
         return
     num_layers = len(models.decoder_layers(model))
     if args.sparsity_profile is not None:
-        st.profile = load_profile(args.sparsity_profile, num_layers, args.num_blocks)
+        st.profile = st.profile_files["--sparsity_profile"]
         module_names = list(models.find_linears(models.decoder_layers(model)[0]))
         st.profile.validate(num_layers, module_names)
         if pattern.structured and not all(
@@ -685,7 +696,7 @@ def allocate(st: Run) -> None:
         st.profile = Profile.uniform(num_layers, args.sparsity_ratio, sparsity_type=str(pattern))
     if args.search in ("sparsity", "joint") or args.layer_allocation == "owl":
         st.profile, st.calib, st.search = allocate_layers(args, model, st.tokenizer, pattern, st.seqlen, st.device,
-                                                          st.offload, st.processor)
+                                                          st.offload, st.processor, st.cli_kv)
 
 
 def apply_saved_masks(st: Run) -> None:
@@ -759,7 +770,7 @@ def configure_kv(st: Run) -> None:
     """Stage 6: the KV quantization every evaluation runs under (None: full precision)."""
     from lib.kvquant import kv_memory_report
 
-    st.kv = kv_config(st.args, st.model, st.profile)
+    st.kv = kv_config(st.args, st.model, st.profile, st.profile_files)
     st.kv_report = kv_memory_report(st.kv, st.model)
     if st.kv is not None:
         logger.info("KV cache %s: %.1f bytes per token, %.3fx float16", st.kv.describe(),

@@ -506,10 +506,17 @@ def test_cli_head_scores_that_do_not_fit(tiny_llama, data_dir, tmp_path, capsys)
     assert code == 2 and "outside the model" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_profile_budgets_reload(tiny_llama, data_dir, tmp_path, capsys) -> None:
+def test_cli_profile_budgets_reload(tiny_llama, data_dir, tmp_path, capsys, monkeypatch) -> None:
     """A saved profile's per-head budgets (and bits) are evaluated as saved: the same continuation perplexity,
-    no head scores needed; a budget-only --kv_profile works on a dense model; misfits fail in one line."""
+    no head scores needed, the profile file read once; a budget-only --kv_profile works on a dense model;
+    misfits fail in one line."""
+    import lib.profile
     from conftest import run_cli
+
+    reads = []
+    real_load = lib.profile.load_profile
+    monkeypatch.setattr(lib.profile, "load_profile",
+                        lambda path, *a, **kw: reads.append(path) or real_load(path, *a, **kw))
 
     heads = tmp_path / "heads.json"
     save_head_scores(str(heads), {(l, h): [float(3 * l + h), 1.0] for l in range(2) for h in range(4)})
@@ -527,6 +534,7 @@ def test_cli_profile_budgets_reload(tiny_llama, data_dir, tmp_path, capsys) -> N
                               "--save", str(again)], capsys)
     assert code == 0, err
     assert "per-head KV budgets from --sparsity_profile" in out
+    assert reads == [str(profile_path)]  # budgets, bits and ratios come from one read
     res = json.loads((again / "kv_budget_wanda.json").read_text())
     assert res["budget"]["capacities"] == saved["budget"]["capacities"]
     assert res["kv"]["key_bits"] == [4, 4] and res["ppl_budget"] == saved["ppl_budget"]
@@ -537,9 +545,11 @@ def test_cli_profile_budgets_reload(tiny_llama, data_dir, tmp_path, capsys) -> N
     budget_only = tmp_path / "budget_only.json"
     budget_only.write_text(json.dumps(data))
     dense = tmp_path / "dense"
+    reads.clear()
     code, out, err = run_cli([*common, "--prune_method", "dense", "--kv_profile", str(budget_only),
                               "--save", str(dense)], capsys)
     assert code == 0, err
+    assert reads == [str(budget_only)]
     res = json.loads((dense / "kv_budget_dense.json").read_text())
     assert res["budget"]["capacities"] == saved["budget"]["capacities"] and res["kv"] is None
 
