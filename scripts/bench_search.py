@@ -41,6 +41,7 @@ VARIANTS = {  # the ablations that choose the defaults
     "module": {"granularity": "module"},
     "gp": {"sampler": "gp"}, "cmaes": {"sampler": "cmaes"}, "evolution": {"sampler": "evolution"},
     "kl": {"objective": "kl"}, "nopruner": {"pruner": "none"},
+    "b200": {"budget": 200},  # the full allowance of evaluations (--budget is the quick protocol's)
 }
 
 
@@ -202,10 +203,12 @@ class Bench:
 
         v = {**DEFAULT_VARIANT, **VARIANTS[variant]}
         a = self.args
+        budget = v.pop("budget", a.budget)
+        n_trials = max(a.n_trials, 2 * budget)  # stopped trials cost a fraction: room for the whole budget
         num_layers = self.model.config.num_hidden_layers
         cfg = SearchConfig(target=target, kind="sparsity", granularity=v["granularity"],
                            num_blocks=min(8, max(1, num_layers // 2)), sparsity_range=v["range"],
-                           n_trials=a.n_trials, budget_evals=a.budget, seed=a.seed, method=method,
+                           n_trials=n_trials, budget_evals=budget, seed=a.seed, method=method,
                            sampler=v["sampler"], pruner=v["pruner"], reprune_top=a.reprune_top,
                            objective=v["objective"], save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
                            trial_mode="sequential" if method == "sparsegpt" else "oneshot")
