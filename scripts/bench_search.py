@@ -45,6 +45,24 @@ VARIANTS = {  # the ablations that choose the defaults
 }
 
 
+def variant_settings(name: str) -> dict:
+    """A variant's settings over the defaults; ``a+b`` combines variants (``evolution+b200``)."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r} (choose from {', '.join(sorted(VARIANTS))}, "
+                                         "joined by +)")
+    out = dict(DEFAULT_VARIANT)
+    for p in parts:
+        out.update(VARIANTS[p])
+    return out
+
+
+def variant_name(name: str) -> str:
+    variant_settings(name)
+    return name
+
+
 def machine(threads: int | None) -> str:
     import torch
 
@@ -201,7 +219,7 @@ class Bench:
         from lib.search_space import SearchConfig
         from lib.io import write_json
 
-        v = {**DEFAULT_VARIANT, **VARIANTS[variant]}
+        v = variant_settings(variant)
         a = self.args
         budget = v.pop("budget", a.budget)
         n_trials = max(a.n_trials, 2 * budget)  # stopped trials cost a fraction: room for the whole budget
@@ -446,7 +464,8 @@ def main() -> int:
     p.add_argument("--cells", nargs="+", default=["dense", "uniform", "owl", "search"])
     p.add_argument("--methods", nargs="+", default=["optspa", "wanda"], help="bases of uniform/OWL/search cells")
     p.add_argument("--uniform_methods", nargs="+", default=["optspa", "wanda", "sparsegpt"])
-    p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["default"], type=variant_name,
+                   help=f"search cells: {', '.join(sorted(VARIANTS))}, or several joined by + (evolution+b200)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--objective_nsamples", type=int, default=16)
