@@ -116,8 +116,6 @@ def take_lock(lock: str) -> bool:
 
 class Bench:
     def __init__(self, args):
-        import torch
-
         from lib import data
         from lib.models import default_seqlen, load_model
         from lib.oneshot import DenseSnapshot
@@ -405,12 +403,11 @@ def markdown(cells: dict, tag: str) -> str:
                     "kv-two-level": f"KV two-level ({c.get('split')}), avg {c['kv_avg_bits']:g}",
                     "kv-search": f"KV search, K and V per layer, avg {c['kv_avg_bits']:g}",
                     "joint-search": f"joint sparsity + KV search, avg {c['kv_avg_bits']:g} bits"}[c["allocation"]]
+        s = c.get("search")
         if c["allocation"] == "search":
-            s = c["search"]
             name = (f"search {c['variant']} ({c['granularity']}, +-{c['range']:g}, {c['sampler']}, "
                     f"{c['objective']} on {s['objective_windows']} windows, shipped {s['shipped']})")
         gap = gap_closed(cells, c) if c["allocation"] in ("uniform", "owl", "search") else None
-        s = c.get("search")
         cost = f"{s['cost_evals']:.1f} ({s['complete_trials']}/{s['pruned_trials']})" if s else ""
         per_eval = f"{s['s_per_eval']:.1f}" if s and s.get("s_per_eval") else ""
         mem = (f"{s['memory']['band_ratio']:.2f}x band + {s['memory']['total_ratio'] - s['memory']['band_ratio']:.2f}x "
