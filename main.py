@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "other method prunes uniformly; 'none' never searches")
     s.add_argument("--search_granularity", default="layer", choices=list(GRANULARITIES),
                    help="one ratio per layer block (--num_blocks), per layer, per linear (module), or per block "
-                        "and projection type (block_module: q, k, v, o, gate, up, down) (default layer)")
+                        "and projection type (block_module: q, k, v, o, gate, up, down); trend: a depth trend of "
+                        "two numbers (slope, curve) over the layers; trend_layer: the trend for "
+                        "--coarse_fraction of the evaluations, then every layer around the best trend "
+                        "(default layer)")
+    s.add_argument("--coarse_fraction", type=float, default=0.25,
+                   help="trend_layer: share of the evaluations (of --n_trials without --search_budget) spent on "
+                        "the trend before the per-layer refinement (default 0.25)")
     s.add_argument("--sparsity_range", type=float, default=DEFAULT_RANGE,
                    help=f"ratios searched within target +- this, clipped to [0, 0.99) (default {DEFAULT_RANGE})")
     s.add_argument("--sparsity_step", type=float, default=0.025,
@@ -309,6 +315,7 @@ def search_config(args, target: float):
 
     return SearchConfig(
         target=target, kind=args.search, granularity=args.search_granularity, num_blocks=args.num_blocks or 8,
+        coarse_fraction=args.coarse_fraction,
         sparsity_range=args.sparsity_range, sparsity_step=args.sparsity_step,
         kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, kv_separate=args.kv_separate,
         n_trials=args.n_trials, budget_evals=args.search_budget,
@@ -469,21 +476,14 @@ def read_profile_files(args, num_layers: int) -> dict:
 
 
 def cli_kv_config(args, model, files: dict):
-    """Fail before any search or pruning when the KV flags cannot fit the model (bits, layer count, groups);
-    returns the quantization --kv_bits / --kv_profile ask for (None: none asked)."""
-    searched = args.search in ("kv", "joint")
-    if args.kv_bits is not None or args.kv_profile is not None or searched:
-        return kv_config(args, model, None, files, searched=searched)
-    return None
-
-
-def kv_config(args, model, profile, files: dict, searched: bool = False):
-    """The KV quantization to simulate: --kv_bits or --kv_profile, else the bits a profile carries (search or
-    --sparsity_profile); None when off. Records the bits in ``profile`` so the saved profile has them.
-    ``files``: :func:`read_profile_files`. ``searched``: also check the --kv_* settings against the model when
-    the bits are still to be searched."""
+    """The KV quantization --kv_bits / --kv_profile ask for (None: none asked), checked against the model
+    (bits, layer count, groups) before any search or pruning; with a KV or joint search still to run, the
+    --kv_* settings are checked with uniform 8-bit. ``files``: :func:`read_profile_files`."""
     from lib.kvquant import KVQuantConfig, kv_dims
 
+    searched = args.search in ("kv", "joint")
+    if args.kv_bits is None and args.kv_profile is None and not searched:
+        return None
     num_layers, _, head_dim = kv_dims(model)
     kw = kv_kwargs(args)
     kv_file = files.get("--kv_profile")
@@ -492,17 +492,24 @@ def kv_config(args, model, profile, files: dict, searched: bool = False):
         kv_profile = None  # a budget-only profile: per-head budgets (saved_kv_budget), no bits
     try:
         cfg = KVQuantConfig.from_cli(num_layers, kv_bits=args.kv_bits, kv_profile=kv_profile, **kw)
-        if cfg is None and args.kv_bits is None and profile is not None and profile.key_bits is not None:
-            cfg = KVQuantConfig.from_profile(profile, num_layers, **kw)
-        if cfg is not None:
-            cfg.validate(num_layers, head_dim)
-        elif searched:
-            KVQuantConfig.uniform(8, num_layers, **kw).validate(num_layers, head_dim)
+        (cfg or KVQuantConfig.uniform(8, num_layers, **kw)).validate(num_layers, head_dim)
     except ValueError as exc:
         raise UsageError(f"KV quantization: {exc}") from exc
-    if cfg is not None and profile is not None:
-        profile.key_bits, profile.value_bits = list(cfg.key_bits), list(cfg.value_bits)
     return cfg
+
+
+def profile_kv_config(args, model, profile):
+    """The KV quantization the bits in ``profile`` (searched, or from --sparsity_profile) ask for; None when
+    it carries none."""
+    from lib.kvquant import KVQuantConfig, kv_dims
+
+    if profile is None or profile.key_bits is None:
+        return None
+    num_layers, _, head_dim = kv_dims(model)
+    try:
+        return KVQuantConfig.from_profile(profile, num_layers, **kv_kwargs(args)).validate(num_layers, head_dim)
+    except ValueError as exc:
+        raise UsageError(f"KV quantization: {exc}") from exc
 
 
 def saved_kv_budget(args, model, files: dict):
@@ -770,7 +777,10 @@ def configure_kv(st: Run) -> None:
     """Stage 6: the KV quantization every evaluation runs under (None: full precision)."""
     from lib.kvquant import kv_memory_report
 
-    st.kv = kv_config(st.args, st.model, st.profile, st.profile_files)
+    # The flags win over the bits a profile carries; the saved profile records the bits the run used.
+    st.kv = st.cli_kv if st.cli_kv is not None else profile_kv_config(st.args, st.model, st.profile)
+    if st.kv is not None and st.profile is not None:
+        st.profile.key_bits, st.profile.value_bits = list(st.kv.key_bits), list(st.kv.value_bits)
     st.kv_report = kv_memory_report(st.kv, st.model)
     if st.kv is not None:
         logger.info("KV cache %s: %.1f bytes per token, %.3fx float16", st.kv.describe(),

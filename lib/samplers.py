@@ -122,6 +122,8 @@ class TrialSeededSampler(BaseSampler):
         return self._for(trial).infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        if not search_space:  # trial 0, or nothing to model yet (grouped TPE expects its own inference first)
+            return {}
         params = self._for(trial).sample_relative(study, trial, search_space)
         if params and self.repair_key is not None and self.switch is not None:
             seen = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False)
@@ -153,8 +155,9 @@ def base_sampler_factory(name: str, uniform: dict[str, Any],
     def make(seed: int) -> BaseSampler:
         with warnings.catch_warnings():  # multivariate TPE and GP are "experimental"; they work
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if name == "tpe":  # multivariate models the coupled levels; constant liar spreads parallel workers
-                return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+            if name == "tpe":  # multivariate models the coupled levels; constant liar spreads parallel workers;
+                # group: trend_layer's two stages have different parameters (define-by-run)
+                return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
                                                   n_startup_trials=10)
             if name == "gp":
                 return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
@@ -198,9 +201,5 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {name!r}")
 
 
-def int_bounds(names: list[str], lo: list[int], hi: list[int]) -> dict[str, tuple[int, int]]:
-    return {n: (a, b) for n, a, b in zip(names, lo, hi)}
-
-
 __all__ = ["SAMPLERS", "PRUNERS", "make_sampler", "make_pruner", "LevelSwitchSampler", "TrialSeededSampler",
-           "int_bounds", "IntDistribution", "FloatDistribution"]
+           "IntDistribution", "FloatDistribution"]

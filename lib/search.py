@@ -32,7 +32,7 @@ from .objective import Objective, Stopped
 from .oneshot import DenseSnapshot, OneShotPruner, dense_input_stats
 from .profile import Profile
 from .prune import PruneResult, check_sparsity, prune_optspa, prune_sparsegpt, prune_wanda
-from .samplers import int_bounds, make_pruner, make_sampler
+from .samplers import make_pruner, make_sampler
 from .search_report import plot_profile, trial_row, write_trials_csv
 from .search_space import (Allocation, SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts,
                            realized_profile)
@@ -188,11 +188,14 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     objective = Objective(model, objective_ids, seqlen, objective_nsamples, device, offload, cfg.objective,
                           cfg.batch_size, workdir=cfg.save_dir)
     nwin = objective.nwin
-    bounds = int_bounds(space.param_names(), space.lo, space.hi) if cfg.searches_sparsity else {}
+    bounds = space.search_bounds()  # what level switches may move; updated in place when trend_layer refines
 
     def repair_key(params: dict[str, Any]) -> str:
-        levels = [params[n] for n in space.param_names()] if cfg.searches_sparsity else None
-        kv = [params[n] for n in space.kv_param_names()] if cfg.searches_kv else None
+        levels = space.raw_levels(params) if cfg.searches_sparsity else None
+        kv_names = space.kv_param_names() if cfg.searches_kv else []
+        if (cfg.searches_sparsity and levels is None) or any(n not in params for n in kv_names):
+            return ""  # a partial sample: no point to compare yet
+        kv = [params[n] for n in kv_names]
         return space.allocation(levels, space.kv_from_priorities(kv) if kv else None).key()
 
     sampler = make_sampler(cfg.sampler, cfg.seed, space.uniform_params(), bounds, repair_key)
@@ -209,6 +212,35 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         return sum((t.user_attrs.get("windows") or 0) for t in trials()) / nwin
 
     done = len(trials())
+
+    def use_center(levels: list[int]) -> None:
+        space.set_center(levels)
+        bounds.clear()
+        bounds.update(space.search_bounds())
+
+    def refine_stage() -> None:
+        """trend_layer: once the trend's share is spent, fix the center (the best trend so far) in the study,
+        so every worker and every resume refines around the same levels."""
+        if cfg.granularity != "trend_layer" or not cfg.searches_sparsity or space.center is not None:
+            return
+        spent = cost() / cfg.budget_evals if cfg.budget_evals is not None else len(trials()) / cfg.n_trials
+        if spent < cfg.coarse_fraction:
+            return
+        stored = study.user_attrs.get("refine_center")
+        if stored is None:
+            coarse = [t for t in trials((optuna.trial.TrialState.COMPLETE,)) if "trend_slope" in t.params]
+            if not coarse:
+                return
+            best_coarse = min(coarse, key=lambda t: (t.value, t.number))
+            stored = list(best_coarse.user_attrs["levels"])
+            study.set_user_attr("refine_center", stored)
+            study.set_user_attr("refine_center_trial", best_coarse.number)
+            logger.info("trend_layer: refining every layer around trial %d (%s %.4f)", best_coarse.number,
+                        cfg.objective, best_coarse.value)
+        use_center(stored)
+
+    if study.user_attrs.get("refine_center") is not None and cfg.granularity == "trend_layer":
+        use_center(study.user_attrs["refine_center"])  # a resumed study refines where it left off
     logger.info("study '%s' (%s): %d of %d trials finished; %s sampler, %s pruner, objective %s on %d windows of %d",
                 name, url.split("@")[-1], done, cfg.n_trials, cfg.sampler, cfg.pruner, cfg.objective, nwin, seqlen)
     runner = TrialRunner(model, cfg, space, calib, objective, device, offload, kv_kwargs, trial_kv)
@@ -218,6 +250,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                 memory["band_ratio"], memory["total_ratio"] - memory["band_ratio"])
 
     def objective_fn(trial) -> float:
+        refine_stage()
         alloc = space.suggest(trial)
         key = alloc.key()
         trial.set_user_attr("key", key)

@@ -6,6 +6,16 @@ The decoder linears are grouped into units: ``block`` (``num_blocks`` contiguous
 ``module`` (every linear of every layer) or ``block_module`` (a block of layers times a projection type:
 q, k, v, o, gate, up, down). Every linear of a unit gets the unit's ratio.
 
+Depth trends
+------------
+``trend`` searches two numbers instead of one per unit: layer ``i`` at depth ``x`` in [-1, 1] asks for
+``target + slope * x + curve * (x**2 - 1/3)`` (both in ``+-range``; the curve term averages to about zero over
+depth, and repair shifts the rest), mapped onto the per-layer levels below. Searched profiles of real models share a shape (early layers
+less sparse, late layers more), and two numbers are learnt in far fewer evaluations than thirty.
+``trend_layer`` is coarse to fine: the trend for the first ``coarse_fraction`` of the evaluations, then every
+layer's level around the best trend so far (its *center*, fixed once and kept in the study) within half the
+range: define-by-run, so one study, one storage and resume hold both stages.
+
 Levels measured in weights (feasible by construction)
 -----------------------------------------------------
 Each unit ``g`` of ``N_g`` weights gets an integer level ``l_g``; a level is the same number of weights in
@@ -41,7 +51,8 @@ from .models import decoder_layers, find_linears
 from .profile import Profile, block_layers
 
 SEARCH_KINDS = ("sparsity", "kv", "joint")
-GRANULARITIES = ("block", "layer", "module", "block_module")
+GRANULARITIES = ("block", "layer", "module", "block_module", "trend", "trend_layer")
+TREND_PARAMS = ("trend_slope", "trend_curve")
 TRIAL_MODES = ("oneshot", "sequential")
 OBJECTIVES = ("ppl", "kl")
 SEARCH_METHODS = ("wanda", "optspa", "sparsegpt")
@@ -62,6 +73,7 @@ class SearchConfig:
     kind: str = "sparsity"
     granularity: str = "layer"
     num_blocks: int = 8
+    coarse_fraction: float = 0.25  # trend_layer: the share of the evaluations spent on the trend
     sparsity_range: float = DEFAULT_RANGE
     sparsity_step: float = 0.025
     kv_bits_choices: tuple[int, ...] = (6, 8)
@@ -127,6 +139,14 @@ class SearchConfig:
             if 0 < self.sparsity_range + 1e-9 < self.sparsity_step:
                 raise SearchError(f"--sparsity_range {self.sparsity_range} is smaller than --sparsity_step "
                                   f"{self.sparsity_step}: the grid would hold the target only")
+            if self.granularity in ("trend", "trend_layer") and self.sampler == "evolution":
+                raise SearchError(f"--sampler evolution moves integer levels; --search_granularity "
+                                  f"{self.granularity} searches a depth trend (use tpe, gp, cmaes or random)")
+            if self.granularity == "trend_layer" and self.sampler in ("gp", "cmaes"):
+                raise SearchError(f"--sampler {self.sampler} models one fixed set of parameters; trend_layer "
+                                  "changes them between its stages (use tpe or random)")
+            if not 0 < self.coarse_fraction < 1:
+                raise SearchError(f"coarse fraction {self.coarse_fraction} must be in (0, 1)")
             if self.method == "sparsegpt" and self.trial_mode == "oneshot":
                 raise SearchError("SparseGPT's trials are sequential (its weight updates depend on the mask)")
         if self.searches_kv:
@@ -202,6 +222,8 @@ class SearchSpace:
         self.num_layers = num_layers
         # A KV-only search has no sparsity units to group; per layer keeps the bookkeeping uniform.
         granularity = cfg.granularity if cfg.searches_sparsity else "layer"
+        self.trend = granularity in ("trend", "trend_layer")
+        granularity = "layer" if self.trend else granularity
         self.names, self.groups = make_groups(shapes, num_layers, granularity, cfg.num_blocks)
         self.weights = [sum(shapes[u][0] * shapes[u][1] for u in g) for g in self.groups]
         self.quantum = cfg.sparsity_step * min(self.weights)
@@ -212,6 +234,7 @@ class SearchSpace:
         self.kv_choices = sorted(set(cfg.kv_bits_choices))
         self.kv_budget = cfg.kv_budget
         self.kv_slots = (2 if cfg.kv_separate else 1) * num_layers
+        self.center: list[int] | None = None  # trend_layer's refine stage: the levels it searches around
 
     def fingerprint(self) -> str:
         """Identifies the space and the model's module shapes, so a resumed or shared study with other
@@ -222,6 +245,8 @@ class SearchSpace:
                 "levels": [self.lo, self.hi], "quantum": self.quantum, "shapes": shapes, "method": self.cfg.method,
                 "kv": [self.kv_choices, self.kv_budget, self.cfg.kv_separate] if self.cfg.searches_kv else None,
                 "mode": self.cfg.trial_mode, "objective": self.cfg.objective}
+        if self.trend:  # same units as "layer", other parameters: a study of one is not the other's
+            desc["trend"] = [self.cfg.granularity, self.cfg.coarse_fraction]
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------ raw -> feasible
@@ -231,7 +256,7 @@ class SearchSpace:
     def _clip(self, g: int, v: float) -> int:
         return min(max(int(round(v)), self.lo[g]), self.hi[g])
 
-    def repair(self, raw: list[int]) -> list[int]:
+    def repair(self, raw: list[float]) -> list[int]:
         """Levels summing to zero (the exact budget): first every unit's ratio moves by the same amount (the
         sample's shape is kept), then the rounding remainder is taken from the most extreme units."""
         levels = [self._clip(g, v) for g, v in enumerate(raw)]
@@ -254,6 +279,33 @@ class SearchSpace:
             if sign * levels[g] > 0:
                 heapq.heappush(heap, (-sign * self.offset(g, levels[g]), g))
         return levels
+
+    def trend_levels(self, slope: float, curve: float) -> list[float]:
+        """Raw per-layer levels of the depth trend (repair clips them and keeps the budget)."""
+        n = self.num_layers
+        xs = [2 * i / (n - 1) - 1 if n > 1 else 0.0 for i in range(n)]
+        return [(slope * x + curve * (x * x - 1 / 3)) * w / self.quantum for x, w in zip(xs, self.weights)]
+
+    def refine_bounds(self) -> tuple[list[int], list[int]]:
+        """Bounds of the refine stage's per-layer moves from the center: half the range, inside the space."""
+        half = [math.floor(self.cfg.sparsity_range / 2 * w / self.quantum + 1e-9) for w in self.weights]
+        return ([max(lo, c - h) - c for lo, c, h in zip(self.lo, self.center, half)],
+                [min(hi, c + h) - c for hi, c, h in zip(self.hi, self.center, half)])
+
+    def set_center(self, levels: list[int]) -> None:
+        self.center = self.repair(list(levels))
+
+    def raw_levels(self, params: dict[str, Any]) -> list[float] | None:
+        """The raw levels that sampled parameters ask for (before repair); None: no sparsity parameters."""
+        if self.center is not None and all(n in params for n in self.refine_param_names()):
+            return [c + params[n] for c, n in zip(self.center, self.refine_param_names())]
+        if self.trend:
+            if not all(n in params for n in TREND_PARAMS):
+                return None
+            return self.trend_levels(*(params[n] for n in TREND_PARAMS))
+        if not all(n in params for n in self.param_names()):
+            return None
+        return [params[n] for n in self.param_names()]
 
     def ratios(self, levels: list[int]) -> list[float]:
         return [self.cfg.target + self.offset(g, v) for g, v in enumerate(levels)]
@@ -295,6 +347,17 @@ class SearchSpace:
     def param_names(self) -> list[str]:
         return [f"s_{name}" for name in self.names]
 
+    def refine_param_names(self) -> list[str]:
+        return [f"d_{name}" for name in self.names]
+
+    def search_bounds(self) -> dict[str, tuple[int, int]]:
+        """Integer parameters and their bounds (what level switches may move); trends have none."""
+        if not self.cfg.searches_sparsity:
+            return {}
+        if self.center is not None:
+            return dict(zip(self.refine_param_names(), zip(*self.refine_bounds())))
+        return {} if self.trend else dict(zip(self.param_names(), zip(self.lo, self.hi)))
+
     def kv_param_names(self) -> list[str]:
         if self.cfg.kv_separate:
             return [f"kvk_{i}" for i in range(self.num_layers)] + [f"kvv_{i}" for i in range(self.num_layers)]
@@ -303,7 +366,14 @@ class SearchSpace:
     def suggest(self, trial) -> Allocation:
         levels = kv_bits = None
         if self.cfg.searches_sparsity:
-            levels = [trial.suggest_int(n, lo, hi) for n, lo, hi in zip(self.param_names(), self.lo, self.hi)]
+            r = self.cfg.sparsity_range
+            if self.center is not None:
+                params = {n: trial.suggest_int(n, lo, hi) for n, (lo, hi) in self.search_bounds().items()}
+            elif self.trend:
+                params = {n: trial.suggest_float(n, -r, r) for n in TREND_PARAMS}
+            else:
+                params = {n: trial.suggest_int(n, lo, hi) for n, lo, hi in zip(self.param_names(), self.lo, self.hi)}
+            levels = self.raw_levels(params)
         if self.cfg.searches_kv:
             kv_bits = self.kv_from_priorities([trial.suggest_float(n, 0.0, 1.0) for n in self.kv_param_names()])
         return self.allocation(levels, kv_bits)
@@ -312,7 +382,7 @@ class SearchSpace:
         """Raw parameters of the uniform allocation (trial 0, so the search never ends worse than uniform)."""
         params: dict[str, Any] = {}
         if self.cfg.searches_sparsity:
-            params.update({n: 0 for n in self.param_names()})
+            params.update({n: 0 for n in (TREND_PARAMS if self.trend else self.param_names())})
         if self.cfg.searches_kv:
             # Every slot at the largest choice within the budget: uniform bits when the budget is a choice.
             within = [i for i, c in enumerate(self.kv_choices) if c <= self.kv_budget + 1e-9]

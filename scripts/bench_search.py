@@ -39,6 +39,7 @@ VARIANTS = {  # the ablations that choose the defaults
     "r0.05": {"range": 0.05}, "r0.1": {"range": 0.1}, "r0.3": {"range": 0.3},
     "block": {"granularity": "block"}, "block_module": {"granularity": "block_module"},
     "module": {"granularity": "module"},
+    "trend": {"granularity": "trend"}, "trend_layer": {"granularity": "trend_layer"},
     "gp": {"sampler": "gp"}, "cmaes": {"sampler": "cmaes"}, "evolution": {"sampler": "evolution"},
     "kl": {"objective": "kl"}, "nopruner": {"pruner": "none"},
     "b200": {"budget": 200},  # the full allowance of evaluations (--budget is the quick protocol's)

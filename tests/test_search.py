@@ -2,6 +2,7 @@
 OWL, and bad flag combinations. Tiny models, few trials, few objective windows."""
 import csv
 import json
+import math
 import os
 import random
 import subprocess
@@ -72,6 +73,37 @@ def test_every_raw_sample_maps_to_the_target(granularity, num_layers, num_blocks
             assert space.repair(moved) == moved
     if granularity == "block_module":  # one unit per block and projection type
         assert len(space.groups) == num_blocks * 7 and all(len({u[1] for u in g}) == 1 for g in space.groups)
+
+
+@pytest.mark.parametrize("target,rng_", [(0.5, 0.2), (0.7, 0.3), (0.1, 0.2)])
+def test_every_depth_trend_maps_to_the_target_and_keeps_its_direction(target, rng_):
+    shapes = _shapes(12)
+    space = SearchSpace(SearchConfig(target=target, granularity="trend", sparsity_range=rng_), shapes, 12)
+    assert len(space.groups) == 12 and space.search_bounds() == {}  # per-layer units, two float parameters
+    assert space.repair(space.raw_levels(space.uniform_params())) == [0] * 12
+    total = sum(r * c for r, c in shapes.values())
+    rng = random.Random(1)
+    for _ in range(100):
+        slope, curve = rng.uniform(-rng_, rng_), rng.uniform(-rng_, rng_)
+        levels = space.repair(space.raw_levels({"trend_slope": slope, "trend_curve": curve}))
+        assert sum(levels) == 0 and all(lo <= v <= hi for v, lo, hi in zip(levels, space.lo, space.hi))
+        alloc = space.allocation(levels)
+        mean = sum(alloc.unit_ratio[u] * r * c for u, (r, c) in shapes.items()) / total
+        assert mean == pytest.approx(target, abs=1e-9)
+        line = space.repair(space.raw_levels({"trend_slope": slope, "trend_curve": 0.0}))
+        steps = [b - a for a, b in zip(line, line[1:])]
+        # A slope orders the layers by depth, clipped or not (repair's last level may break a tie).
+        assert all(d * math.copysign(1, slope) >= -1 for d in steps)
+        assert (line[-1] - line[0]) * slope >= 0
+    # The refine stage moves every layer within half the range of its center, and stays in the space.
+    center = space.repair(space.raw_levels({"trend_slope": rng_ / 2, "trend_curve": 0.0}))
+    space.set_center(center)
+    assert space.center == center and list(space.search_bounds()) == space.refine_param_names()
+    half = math.floor(rng_ / 2 * space.weights[0] / space.quantum + 1e-9)
+    for name, (lo, hi) in space.search_bounds().items():
+        g = space.refine_param_names().index(name)
+        assert -half <= lo <= 0 <= hi <= half
+        assert space.lo[g] <= center[g] + lo and center[g] + hi <= space.hi[g]
 
 
 def test_repair_keeps_the_shape_of_a_one_sided_sample():
@@ -315,6 +347,33 @@ def test_every_sampler_proposes_feasible_points(tiny_llama, data_dir, tmp_path, 
     assert len({json.dumps(t.user_attrs["levels"]) for t in study.trials}) >= 3  # it moves
 
 
+def test_trend_layer_refines_around_its_best_trend_in_one_resumable_study(tiny_llama, data_dir, tmp_path):
+    """Coarse to fine in one study: trend trials first, then per-layer moves around the best of them (the center
+    kept in the study, so a resume refines around the same levels); every point is feasible."""
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend_layer", n_trials=8,
+                       coarse_fraction=0.5, sparsity_range=0.3, seed=2)
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    coarse = [t for t in study.trials if "trend_slope" in t.params]
+    fine = [t for t in study.trials if any(n.startswith("d_") for n in t.params)]
+    assert [t.number for t in coarse] == [0, 1, 2, 3] and [t.number for t in fine] == [4, 5, 6, 7]
+    best = min((t for t in coarse if t.state.name == "COMPLETE"), key=lambda t: (t.value, t.number))
+    center = study.user_attrs["refine_center"]
+    assert center == best.user_attrs["levels"] and study.user_attrs["refine_center_trial"] == best.number
+    space = SearchSpace(SearchConfig(target=0.5, granularity="trend_layer", sparsity_range=0.3),
+                        module_shapes(load_model(tiny_llama, dtype="float32").model), 2)
+    half = [math.floor(0.15 * w / space.quantum + 1e-9) for w in space.weights]
+    for t in fine:
+        levels = t.user_attrs["levels"]
+        assert sum(levels) == 0 and t.user_attrs["feasible"]
+        assert all(abs(v - c) <= h for v, c, h in zip(levels, center, half))
+    assert r.best_value == min(t.value for t in study.trials if t.state.name == "COMPLETE")
+    more, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend_layer", n_trials=10,
+                          coarse_fraction=0.5, sparsity_range=0.3, seed=2)
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    assert len(study.trials) == 10 and study.user_attrs["refine_center"] == center
+    assert all(any(n.startswith("d_") for n in t.params) for t in study.trials[8:])
+
+
 def test_kl_objective_streams_window_by_window_from_disk(tiny_llama, tmp_path):
     import torch.nn.functional as F
 
@@ -486,6 +545,12 @@ BAD = {
                         "search_budget"),
     "range below step": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--sparsity_range", "0.01"],
                          "sparsity_range"),
+    "trend with level switches": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
+                                   "trend", "--sampler", "evolution"], "evolution"),
+    "trend_layer with cmaes": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
+                                "trend_layer", "--sampler", "cmaes"], "cmaes"),
+    "coarse fraction of 1": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
+                              "trend_layer", "--coarse_fraction", "1"], "coarse"),
     "owl without pruning": (["--layer_allocation", "owl"], "owl"),
     "owl with search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
                          "--layer_allocation", "owl"], "owl"),
