@@ -75,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "other method prunes uniformly; 'none' never searches")
     s.add_argument("--search_granularity", default="layer", choices=list(GRANULARITIES),
                    help="one ratio per layer block (--num_blocks), per layer, per linear (module), or per block "
-                        "and projection type (block_module: q, k, v, o, gate, up, down); trend: a depth trend of "
-                        "two numbers (slope, curve) over the layers; trend_layer: the trend for "
-                        "--coarse_fraction of the evaluations, then every layer around the best trend "
+                        "and projection type (block_module: q, k, v, o, gate, up, down); trend: a depth trend "
+                        "(slope, curve) plus one offset per projection type, nine numbers; trend_layer: the trend "
+                        "for --coarse_fraction of the evaluations, then every layer around the best trend "
                         "(default layer)")
+    s.add_argument("--no_trend_types", action="store_true",
+                   help="trend, trend_layer: the depth terms only, one ratio per layer (the ablation)")
     s.add_argument("--coarse_fraction", type=float, default=0.25,
                    help="trend_layer: share of the evaluations (of --n_trials without --search_budget) spent on "
                         "the trend before the per-layer refinement (default 0.25)")
@@ -315,7 +317,7 @@ def search_config(args, target: float):
 
     return SearchConfig(
         target=target, kind=args.search, granularity=args.search_granularity, num_blocks=args.num_blocks or 8,
-        coarse_fraction=args.coarse_fraction,
+        coarse_fraction=args.coarse_fraction, trend_types=not args.no_trend_types,
         sparsity_range=args.sparsity_range, sparsity_step=args.sparsity_step,
         kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, kv_separate=args.kv_separate,
         n_trials=args.n_trials, budget_evals=args.search_budget,

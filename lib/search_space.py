@@ -8,13 +8,16 @@ q, k, v, o, gate, up, down). Every linear of a unit gets the unit's ratio.
 
 Depth trends
 ------------
-``trend`` searches two numbers instead of one per unit: layer ``i`` at depth ``x`` in [-1, 1] asks for
-``target + slope * x + curve * (x**2 - 1/3)`` (both in ``+-range``; the curve term averages to about zero over
-depth, and repair shifts the rest), mapped onto the per-layer levels below. Searched profiles of real models share a shape (early layers
-less sparse, late layers more), and two numbers are learnt in far fewer evaluations than thirty.
-``trend_layer`` is coarse to fine: the trend for the first ``coarse_fraction`` of the evaluations, then every
-layer's level around the best trend so far (its *center*, fixed once and kept in the study) within half the
-range: define-by-run, so one study, one storage and resume hold both stages.
+``trend`` searches a few numbers instead of one per unit: linear ``p`` of layer ``i`` at depth ``x`` in
+[-1, 1] asks for ``target + slope * x + curve * (x**2 - 1/3) + offset[type of p]``, with one offset per
+projection type (q, k, v, o, gate, up, down; ``trend_types=False``: none, per-layer units), every number in
+``+-range``, mapped onto per-module levels (repair keeps the budget, so only the offsets' differences
+matter). Searched profiles of real models share a shape (early layers less sparse, late ones more), and nine
+numbers are learnt in far fewer evaluations than thirty or two hundred.
+``trend_layer`` is coarse to fine: the trend for the first ``coarse_fraction`` of the evaluations, then
+per-layer moves (in ``sparsity_step`` ratio steps, every linear of the layer alike) around the best trend so far
+(its *center*, fixed once and kept in the study) within half the range: define-by-run, so one study, one
+storage and resume hold both stages.
 
 Levels measured in weights (feasible by construction)
 -----------------------------------------------------
@@ -52,7 +55,7 @@ from .profile import Profile, block_layers
 
 SEARCH_KINDS = ("sparsity", "kv", "joint")
 GRANULARITIES = ("block", "layer", "module", "block_module", "trend", "trend_layer")
-TREND_PARAMS = ("trend_slope", "trend_curve")
+TREND_DEPTH_PARAMS = ("trend_slope", "trend_curve")
 TRIAL_MODES = ("oneshot", "sequential")
 OBJECTIVES = ("ppl", "kl")
 SEARCH_METHODS = ("wanda", "optspa", "sparsegpt")
@@ -74,6 +77,7 @@ class SearchConfig:
     granularity: str = "layer"
     num_blocks: int = 8
     coarse_fraction: float = 0.25  # trend_layer: the share of the evaluations spent on the trend
+    trend_types: bool = True  # trend: one offset per projection type besides the depth terms
     sparsity_range: float = DEFAULT_RANGE
     sparsity_step: float = 0.025
     kv_bits_choices: tuple[int, ...] = (6, 8)
@@ -141,7 +145,7 @@ class SearchConfig:
                                   f"{self.sparsity_step}: the grid would hold the target only")
             if self.granularity in ("trend", "trend_layer") and self.sampler == "evolution":
                 raise SearchError(f"--sampler evolution moves integer levels; --search_granularity "
-                                  f"{self.granularity} searches a depth trend (use tpe, gp, cmaes or random)")
+                                  f"{self.granularity} searches a trend's real numbers (use tpe, gp, cmaes or random)")
             if self.granularity == "trend_layer" and self.sampler in ("gp", "cmaes"):
                 raise SearchError(f"--sampler {self.sampler} models one fixed set of parameters; trend_layer "
                                   "changes them between its stages (use tpe or random)")
@@ -223,7 +227,8 @@ class SearchSpace:
         # A KV-only search has no sparsity units to group; per layer keeps the bookkeeping uniform.
         granularity = cfg.granularity if cfg.searches_sparsity else "layer"
         self.trend = granularity in ("trend", "trend_layer")
-        granularity = "layer" if self.trend else granularity
+        if self.trend:
+            granularity = "module" if cfg.trend_types else "layer"
         self.names, self.groups = make_groups(shapes, num_layers, granularity, cfg.num_blocks)
         self.weights = [sum(shapes[u][0] * shapes[u][1] for u in g) for g in self.groups]
         self.quantum = cfg.sparsity_step * min(self.weights)
@@ -235,6 +240,9 @@ class SearchSpace:
         self.kv_budget = cfg.kv_budget
         self.kv_slots = (2 if cfg.kv_separate else 1) * num_layers
         self.center: list[int] | None = None  # trend_layer's refine stage: the levels it searches around
+        self.unit_layer = [g[0][0] for g in self.groups]  # trends: every unit lies in one layer
+        self.types = list(dict.fromkeys(projection_type(u[1]) for u in shapes)) \
+            if self.trend and cfg.trend_types else []
 
     def fingerprint(self) -> str:
         """Identifies the space and the model's module shapes, so a resumed or shared study with other
@@ -246,7 +254,7 @@ class SearchSpace:
                 "kv": [self.kv_choices, self.kv_budget, self.cfg.kv_separate] if self.cfg.searches_kv else None,
                 "mode": self.cfg.trial_mode, "objective": self.cfg.objective}
         if self.trend:  # same units as "layer", other parameters: a study of one is not the other's
-            desc["trend"] = [self.cfg.granularity, self.cfg.coarse_fraction]
+            desc["trend"] = [self.cfg.granularity, self.cfg.coarse_fraction, self.types]
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------ raw -> feasible
@@ -280,17 +288,35 @@ class SearchSpace:
                 heapq.heappush(heap, (-sign * self.offset(g, levels[g]), g))
         return levels
 
-    def trend_levels(self, slope: float, curve: float) -> list[float]:
-        """Raw per-layer levels of the depth trend (repair clips them and keeps the budget)."""
+    def trend_param_names(self) -> list[str]:
+        return [*TREND_DEPTH_PARAMS, *(f"trend_{t}" for t in self.types)]
+
+    def trend_levels(self, params: dict[str, float]) -> list[float]:
+        """Raw per-unit levels of a trend (repair clips them and keeps the budget)."""
         n = self.num_layers
         xs = [2 * i / (n - 1) - 1 if n > 1 else 0.0 for i in range(n)]
-        return [(slope * x + curve * (x * x - 1 / 3)) * w / self.quantum for x, w in zip(xs, self.weights)]
+        slope, curve = (params[k] for k in TREND_DEPTH_PARAMS)
+        out = []
+        for g, w in enumerate(self.weights):
+            x = xs[self.unit_layer[g]]
+            offset = params[f"trend_{projection_type(self.groups[g][0][1])}"] if self.types else 0.0
+            out.append((slope * x + curve * (x * x - 1 / 3) + offset) * w / self.quantum)
+        return out
+
+    def _step_levels(self, g: int) -> float:
+        """Levels of unit ``g`` per refine step (one ``sparsity_step`` of its ratio)."""
+        return self.cfg.sparsity_step * self.weights[g] / self.quantum
 
     def refine_bounds(self) -> tuple[list[int], list[int]]:
-        """Bounds of the refine stage's per-layer moves from the center: half the range, inside the space."""
-        half = [math.floor(self.cfg.sparsity_range / 2 * w / self.quantum + 1e-9) for w in self.weights]
-        return ([max(lo, c - h) - c for lo, c, h in zip(self.lo, self.center, half)],
-                [min(hi, c + h) - c for hi, c, h in zip(self.hi, self.center, half)])
+        """Bounds of the refine stage's per-layer moves from the center, in ratio steps: half the range, and
+        every unit of the layer inside the space."""
+        half = math.floor(self.cfg.sparsity_range / 2 / self.cfg.sparsity_step + 1e-9)
+        lo, hi = [-half] * self.num_layers, [half] * self.num_layers
+        for g, layer in enumerate(self.unit_layer):
+            per = self._step_levels(g)
+            lo[layer] = max(lo[layer], math.ceil((self.lo[g] - self.center[g]) / per - 1e-9))
+            hi[layer] = min(hi[layer], math.floor((self.hi[g] - self.center[g]) / per + 1e-9))
+        return lo, hi
 
     def set_center(self, levels: list[int]) -> None:
         self.center = self.repair(list(levels))
@@ -298,11 +324,12 @@ class SearchSpace:
     def raw_levels(self, params: dict[str, Any]) -> list[float] | None:
         """The raw levels that sampled parameters ask for (before repair); None: no sparsity parameters."""
         if self.center is not None and all(n in params for n in self.refine_param_names()):
-            return [c + params[n] for c, n in zip(self.center, self.refine_param_names())]
+            moves = [params[n] for n in self.refine_param_names()]
+            return [c + moves[self.unit_layer[g]] * self._step_levels(g) for g, c in enumerate(self.center)]
         if self.trend:
-            if not all(n in params for n in TREND_PARAMS):
+            if not all(n in params for n in self.trend_param_names()):
                 return None
-            return self.trend_levels(*(params[n] for n in TREND_PARAMS))
+            return self.trend_levels(params)
         if not all(n in params for n in self.param_names()):
             return None
         return [params[n] for n in self.param_names()]
@@ -348,7 +375,7 @@ class SearchSpace:
         return [f"s_{name}" for name in self.names]
 
     def refine_param_names(self) -> list[str]:
-        return [f"d_{name}" for name in self.names]
+        return [f"d_layer{i}" for i in range(self.num_layers)]
 
     def search_bounds(self) -> dict[str, tuple[int, int]]:
         """Integer parameters and their bounds (what level switches may move); trends have none."""
@@ -370,7 +397,7 @@ class SearchSpace:
             if self.center is not None:
                 params = {n: trial.suggest_int(n, lo, hi) for n, (lo, hi) in self.search_bounds().items()}
             elif self.trend:
-                params = {n: trial.suggest_float(n, -r, r) for n in TREND_PARAMS}
+                params = {n: trial.suggest_float(n, -r, r) for n in self.trend_param_names()}
             else:
                 params = {n: trial.suggest_int(n, lo, hi) for n, lo, hi in zip(self.param_names(), self.lo, self.hi)}
             levels = self.raw_levels(params)
@@ -382,7 +409,7 @@ class SearchSpace:
         """Raw parameters of the uniform allocation (trial 0, so the search never ends worse than uniform)."""
         params: dict[str, Any] = {}
         if self.cfg.searches_sparsity:
-            params.update({n: 0 for n in (TREND_PARAMS if self.trend else self.param_names())})
+            params.update({n: 0 for n in (self.trend_param_names() if self.trend else self.param_names())})
         if self.cfg.searches_kv:
             # Every slot at the largest choice within the budget: uniform bits when the budget is a choice.
             within = [i for i, c in enumerate(self.kv_choices) if c <= self.kv_budget + 1e-9]

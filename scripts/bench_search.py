@@ -33,13 +33,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 logger = logging.getLogger("bench_search")
-DEFAULT_VARIANT = {"range": 0.2, "granularity": "layer", "sampler": "tpe", "objective": "ppl", "pruner": "median"}
+DEFAULT_VARIANT = {"range": 0.2, "granularity": "layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
+                   "trend_types": True}
 VARIANTS = {  # the ablations that choose the defaults
     "default": {},
     "r0.05": {"range": 0.05}, "r0.1": {"range": 0.1}, "r0.3": {"range": 0.3},
     "block": {"granularity": "block"}, "block_module": {"granularity": "block_module"},
     "module": {"granularity": "module"},
-    "trend": {"granularity": "trend"}, "trend_layer": {"granularity": "trend_layer"},
+    "trend": {"granularity": "trend"}, "trend_layer": {"granularity": "trend_layer"},  # depth + type offsets
+    "trend_depth": {"granularity": "trend", "trend_types": False},  # depth terms only
+    "trend_depth_layer": {"granularity": "trend_layer", "trend_types": False},
     "gp": {"sampler": "gp"}, "cmaes": {"sampler": "cmaes"}, "evolution": {"sampler": "evolution"},
     "kl": {"objective": "kl"}, "nopruner": {"pruner": "none"},
     "b200": {"budget": 200},  # the issue's full allowance of evaluations (--budget is the quick protocol's)
@@ -220,10 +223,8 @@ class Bench:
                 "owl_m": DEFAULT_M, "layer_sparsity": prof.sparsity, **self.prune(method, prof)}
 
     def search(self, method: str, target: float, variant: str) -> dict:
-        from lib.profile import profile_filename
         from lib.search import run_search
         from lib.search_space import SearchConfig
-        from lib.io import write_json
 
         v = variant_settings(variant)
         a = self.args
@@ -235,7 +236,8 @@ class Bench:
                            num_blocks=min(8, max(1, num_layers // 2)), sparsity_range=v["range"],
                            n_trials=n_trials, budget_evals=budget, seed=a.seed, method=method,
                            sampler=v["sampler"], pruner=v["pruner"], reprune_top=a.reprune_top,
-                           objective=v["objective"], save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
+                           objective=v["objective"], trend_types=v["trend_types"],
+                           save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
                            trial_mode="sequential" if method == "sparsegpt" else "oneshot")
         ids = self.kl_tokens(windows) if v["objective"] == "kl" else self.val_ids
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=ids, seqlen=self.seqlen,
@@ -249,12 +251,9 @@ class Bench:
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,
                           "s_per_eval": sum(evals) / len(evals) if evals else None},
-               "layer_sparsity": r.profile.sparsity}
-        if a.profiles_dir and variant == "default":
-            r.profile.meta.update({"command": " ".join(sys.argv), "storage": None,
-                                   "bench_cell": f"search-{method}-s{target:.2f}-{variant}"})
-            name = f"{self.tag}_" + profile_filename(method, "unstructured", target)
-            write_json(os.path.join(a.profiles_dir, name), r.profile.to_dict())
+               "layer_sparsity": r.profile.sparsity,
+               "profile": r.profile.to_dict(),  # the shipped allocation in full: --publish ships it
+               "command": " ".join(sys.argv)}
         return out
 
 
@@ -406,7 +405,8 @@ def markdown(cells: dict, tag: str) -> str:
                     "joint-search": f"joint sparsity + KV search, avg {c['kv_avg_bits']:g} bits"}[c["allocation"]]
         s = c.get("search")
         if c["allocation"] == "search":
-            name = (f"search {c['variant']} ({c['granularity']}, +-{c['range']:g}, {c['sampler']}, "
+            unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
+            name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {c['sampler']}, "
                     f"{c['objective']} on {s['objective_windows']} windows, shipped {s['shipped']})")
         gap = gap_closed(cells, c) if c["allocation"] in ("uniform", "owl", "search") else None
         cost = f"{s['cost_evals']:.1f} ({s['complete_trials']}/{s['pruned_trials']})" if s else ""
@@ -423,6 +423,25 @@ def markdown(cells: dict, tag: str) -> str:
                      "each scored on the search objective both ways"
                      + (f" (pruned with {c['calib_windows']} calibration windows)." if c.get("calib_windows") else "."))
     return "\n".join(lines)
+
+
+def write_profiles(cells: dict, tag: str, profiles_dir: str, variant: str) -> list[str]:
+    """Ship the profiles of ``variant``'s search cells (the settings main.py runs by default) into
+    ``profiles_dir``, each with the command and the cell that measured it; cells without a stored profile are
+    left alone."""
+    from lib.io import write_json
+    from lib.profile import profile_filename
+
+    written = []
+    for name, c in sorted(cells.items()):
+        if c.get("allocation") != "search" or c.get("variant") != variant or "profile" not in c:
+            continue
+        prof = json.loads(json.dumps(c["profile"]))
+        prof.setdefault("meta", {}).update({"command": c.get("command"), "storage": None, "bench_cell": name})
+        path = os.path.join(profiles_dir, f"{tag}_" + profile_filename(c["method"], "unstructured", c["target"]))
+        write_json(path, prof)
+        written.append(path)
+    return written
 
 
 def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
@@ -486,13 +505,18 @@ def main() -> int:
                    help="rank cells: calibration windows for both prunings (default: all --nsamples)")
     p.add_argument("--kv_avg", type=float, default=3.0, help="KV cells: average bits (keys and values)")
     p.add_argument("--kv_choices", type=int, nargs="+", default=[2, 3, 4, 6, 8])
-    p.add_argument("--profiles_dir", default=None)
+    p.add_argument("--profiles_dir", default=None,
+                   help="with --publish: ship the --ship_variant search cells' profiles here, and their table")
+    p.add_argument("--ship_variant", default="default", type=variant_name,
+                   help="the search cells whose profiles are shipped (default: main.py's default settings)")
     p.add_argument("--publish", default=None, help="write the table into this markdown file and exit")
     args = p.parse_args()
     tag = os.path.basename(os.path.normpath(args.model))
     if args.publish:
         replace_section(args.publish, markdown(load_cells(args.cells_dir, tag), tag), f"bench_search_{tag}")
         if args.profiles_dir:
+            for path in write_profiles(load_cells(args.cells_dir, tag), tag, args.profiles_dir, args.ship_variant):
+                logger.info("shipped %s", path)
             replace_section(os.path.join(args.profiles_dir, "README.md"),
                             profiles_markdown(args.profiles_dir, args.cells_dir), "profiles")
         return 0

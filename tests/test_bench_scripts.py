@@ -31,3 +31,23 @@ def test_search_variants_combine_and_unknown_names_are_refused():
     assert bench.variant_settings("default") == bench.DEFAULT_VARIANT
     with pytest.raises(argparse.ArgumentTypeError, match="unknown variant 'fast'"):
         bench.variant_settings("r0.1+fast")
+
+
+def test_publish_ships_the_profiles_of_the_default_settings_only(tmp_path):
+    """--publish --profiles_dir writes the default-settings search cells' profiles (loadable, with the command
+    and the cell that measured them) and nothing for other variants or cells without a stored profile."""
+    from lib.profile import Profile, load_profile
+
+    bench = load_script("bench_search")
+    prof = Profile(num_layers=2, sparsity=[0.4, 0.6], target_sparsity=0.5).to_dict()
+    cell = {"allocation": "search", "method": "optspa", "target": 0.5, "profile": prof, "command": "python x"}
+    cells = {"search-optspa-s0.50-default": {**cell, "variant": "default"},
+             "search-wanda-s0.50-r0.1": {**cell, "method": "wanda", "variant": "r0.1"},
+             "search-optspa-s0.60-default": {**cell, "target": 0.6, "variant": "default", "profile": None}}
+    del cells["search-optspa-s0.60-default"]["profile"]
+    written = bench.write_profiles(cells, "m", str(tmp_path), "default")
+    assert [os.path.basename(p) for p in written] == ["m_profile_optspa_unstructured_s0.50.json"]
+    assert sorted(os.listdir(tmp_path)) == ["m_profile_optspa_unstructured_s0.50.json"]
+    loaded = load_profile(written[0], 2)
+    assert loaded.sparsity == [0.4, 0.6]
+    assert loaded.meta["command"] == "python x" and loaded.meta["bench_cell"] == "search-optspa-s0.50-default"

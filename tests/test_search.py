@@ -75,35 +75,47 @@ def test_every_raw_sample_maps_to_the_target(granularity, num_layers, num_blocks
         assert len(space.groups) == num_blocks * 7 and all(len({u[1] for u in g}) == 1 for g in space.groups)
 
 
+@pytest.mark.parametrize("types", [True, False])
 @pytest.mark.parametrize("target,rng_", [(0.5, 0.2), (0.7, 0.3), (0.1, 0.2)])
-def test_every_depth_trend_maps_to_the_target_and_keeps_its_direction(target, rng_):
+def test_every_trend_maps_to_the_target_and_keeps_its_direction(target, rng_, types):
     shapes = _shapes(12)
-    space = SearchSpace(SearchConfig(target=target, granularity="trend", sparsity_range=rng_), shapes, 12)
-    assert len(space.groups) == 12 and space.search_bounds() == {}  # per-layer units, two float parameters
-    assert space.repair(space.raw_levels(space.uniform_params())) == [0] * 12
+    cfg = SearchConfig(target=target, granularity="trend", sparsity_range=rng_, trend_types=types)
+    space = SearchSpace(cfg, shapes, 12)
+    assert len(space.groups) == (12 * 7 if types else 12) and space.search_bounds() == {}
+    assert len(space.trend_param_names()) == (9 if types else 2)
+    assert space.repair(space.raw_levels(space.uniform_params())) == [0] * len(space.groups)
     total = sum(r * c for r, c in shapes.values())
     rng = random.Random(1)
     for _ in range(100):
-        slope, curve = rng.uniform(-rng_, rng_), rng.uniform(-rng_, rng_)
-        levels = space.repair(space.raw_levels({"trend_slope": slope, "trend_curve": curve}))
+        params = {n: rng.uniform(-rng_, rng_) for n in space.trend_param_names()}
+        levels = space.repair(space.raw_levels(params))
         assert sum(levels) == 0 and all(lo <= v <= hi for v, lo, hi in zip(levels, space.lo, space.hi))
         alloc = space.allocation(levels)
         mean = sum(alloc.unit_ratio[u] * r * c for u, (r, c) in shapes.items()) / total
         assert mean == pytest.approx(target, abs=1e-9)
-        line = space.repair(space.raw_levels({"trend_slope": slope, "trend_curve": 0.0}))
-        steps = [b - a for a, b in zip(line, line[1:])]
-        # A slope orders the layers by depth, clipped or not (repair's last level may break a tie).
-        assert all(d * math.copysign(1, slope) >= -1 for d in steps)
-        assert (line[-1] - line[0]) * slope >= 0
-    # The refine stage moves every layer within half the range of its center, and stays in the space.
-    center = space.repair(space.raw_levels({"trend_slope": rng_ / 2, "trend_curve": 0.0}))
+        # A slope orders the layers by depth, clipped or not (repair's last level may break a tie)...
+        slope = params["trend_slope"]
+        line = space.ratios(space.repair(space.raw_levels({**{n: 0.0 for n in params}, "trend_slope": slope})))
+        layer = [sum(r for r, g in zip(line, space.unit_layer) if g == i) / (len(line) // 12) for i in range(12)]
+        step = max(space.offset(g, 1) for g in range(len(line)))
+        assert all((b - a) * math.copysign(1, slope) >= -step - 1e-9 for a, b in zip(layer, layer[1:]))
+        assert (layer[-1] - layer[0]) * slope >= -1e-9
+    if types:  # ...and an offset makes its projection type sparser than the rest, in every layer
+        ratios = space.ratios(space.repair(space.raw_levels({**space.uniform_params(), "trend_v_proj": rng_ / 2})))
+        for g, r in enumerate(ratios):
+            kind = space.groups[g][0][1]
+            assert (r > target) if kind.endswith("v_proj") else (r <= target + 1e-9)
+    # The refine stage moves whole layers, within half the range of the center, and stays in the space.
+    center = space.repair(space.raw_levels({**space.uniform_params(), "trend_slope": rng_ / 2}))
     space.set_center(center)
-    assert space.center == center and list(space.search_bounds()) == space.refine_param_names()
-    half = math.floor(rng_ / 2 * space.weights[0] / space.quantum + 1e-9)
-    for name, (lo, hi) in space.search_bounds().items():
-        g = space.refine_param_names().index(name)
+    assert space.center == center and list(space.search_bounds()) == [f"d_layer{i}" for i in range(12)]
+    half = math.floor(rng_ / 2 / space.cfg.sparsity_step + 1e-9)
+    for i, (lo, hi) in enumerate(space.search_bounds().values()):
         assert -half <= lo <= 0 <= hi <= half
-        assert space.lo[g] <= center[g] + lo and center[g] + hi <= space.hi[g]
+        for d in (lo, hi):
+            moved = space.raw_levels({**{n: 0 for n in space.search_bounds()}, f"d_layer{i}": d})
+            assert all(space.lo[g] - 1e-9 <= v <= space.hi[g] + 1e-9 for g, v in enumerate(moved))
+            assert {round(v - c, 6) for v, c, g in zip(moved, center, space.unit_layer) if g != i} == {0}
 
 
 def test_repair_keeps_the_shape_of_a_one_sided_sample():
@@ -361,11 +373,13 @@ def test_trend_layer_refines_around_its_best_trend_in_one_resumable_study(tiny_l
     assert center == best.user_attrs["levels"] and study.user_attrs["refine_center_trial"] == best.number
     space = SearchSpace(SearchConfig(target=0.5, granularity="trend_layer", sparsity_range=0.3),
                         module_shapes(load_model(tiny_llama, dtype="float32").model), 2)
-    half = [math.floor(0.15 * w / space.quantum + 1e-9) for w in space.weights]
+    assert len(center) == 14  # a module-level center: the trend has per-type offsets
     for t in fine:
         levels = t.user_attrs["levels"]
         assert sum(levels) == 0 and t.user_attrs["feasible"]
-        assert all(abs(v - c) <= h for v, c, h in zip(levels, center, half))
+        # half the range (0.15) in ratio, plus repair's rounding remainder of one level
+        assert all(abs(space.offset(g, v - c)) <= 0.15 + space.offset(g, 1) + 1e-9
+                   for g, (v, c) in enumerate(zip(levels, center)))
     assert r.best_value == min(t.value for t in study.trials if t.state.name == "COMPLETE")
     more, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend_layer", n_trials=10,
                           coarse_fraction=0.5, sparsity_range=0.3, seed=2)
