@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lib.prune import METHODS
     from lib.samplers import PRUNERS, SAMPLERS
-    from lib.search_space import DEFAULT_RANGE, GRANULARITIES
+    from lib.search_space import DEFAULT_GRANULARITY, DEFAULT_RANGE, GRANULARITIES
 
     p = _Parser(prog="main.py", description="Post-training pruning and KV-cache compression for LLaMA/LLaVA models.")
     p.add_argument("--model", required=True, help="hub id or local directory (LLaMA-family causal LM, LLaVA-1.5/1.6)")
@@ -73,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna search of per-unit sparsity (any calibrated method), per-layer KV bits (any method), "
                         "or both. Default: --prune_method optspa searches sparsity (the paper's method), every "
                         "other method prunes uniformly; 'none' never searches")
-    s.add_argument("--search_granularity", default="layer", choices=list(GRANULARITIES),
+    s.add_argument("--search_granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
                    help="one ratio per layer block (--num_blocks), per layer, per linear (module), or per block "
                         "and projection type (block_module: q, k, v, o, gate, up, down); trend: a depth trend "
                         "(slope, curve) plus one offset per projection type, nine numbers; trend_layer: the trend "
                         "for --coarse_fraction of the evaluations, then every layer around the best trend "
-                        "(default layer)")
+                        f"(default {DEFAULT_GRANULARITY})")
     s.add_argument("--no_trend_types", action="store_true",
                    help="trend, trend_layer: the depth terms only, one ratio per layer (the ablation)")
     s.add_argument("--coarse_fraction", type=float, default=0.25,

@@ -59,8 +59,9 @@ TREND_DEPTH_PARAMS = ("trend_slope", "trend_curve")
 TRIAL_MODES = ("oneshot", "sequential")
 OBJECTIVES = ("ppl", "kl")
 SEARCH_METHODS = ("wanda", "optspa", "sparsegpt")
-# Chosen from the range ablation in scripts/bench_search.py (README, "Search results").
+# Chosen from the ablations in scripts/bench_search.py (README, "Search results").
 DEFAULT_RANGE = 0.2
+DEFAULT_GRANULARITY = "trend_layer"
 MAX_RATIO = 0.99
 
 Unit = tuple[int, str]  # (decoder layer, module name)
@@ -74,7 +75,7 @@ class SearchError(ValueError):
 class SearchConfig:
     target: float
     kind: str = "sparsity"
-    granularity: str = "layer"
+    granularity: str = DEFAULT_GRANULARITY
     num_blocks: int = 8
     coarse_fraction: float = 0.25  # trend_layer: the share of the evaluations spent on the trend
     trend_types: bool = True  # trend: one offset per projection type besides the depth terms
@@ -147,8 +148,9 @@ class SearchConfig:
                 raise SearchError(f"--sampler evolution moves integer levels; --search_granularity "
                                   f"{self.granularity} searches a trend's real numbers (use tpe, gp, cmaes or random)")
             if self.granularity == "trend_layer" and self.sampler in ("gp", "cmaes"):
-                raise SearchError(f"--sampler {self.sampler} models one fixed set of parameters; trend_layer "
-                                  "changes them between its stages (use tpe or random)")
+                raise SearchError(f"--sampler {self.sampler} models one fixed set of parameters and "
+                                  "--search_granularity trend_layer (the default) changes them between its stages: "
+                                  "use tpe or random, or add --search_granularity layer (or trend)")
             if not 0 < self.coarse_fraction < 1:
                 raise SearchError(f"coarse fraction {self.coarse_fraction} must be in (0, 1)")
             if self.method == "sparsegpt" and self.trial_mode == "oneshot":

@@ -33,13 +33,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 logger = logging.getLogger("bench_search")
-DEFAULT_VARIANT = {"range": 0.2, "granularity": "layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
+DEFAULT_VARIANT = {"range": 0.2, "granularity": "trend_layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
                    "trend_types": True}
 VARIANTS = {  # the ablations that choose the defaults
     "default": {},
     "r0.05": {"range": 0.05}, "r0.1": {"range": 0.1}, "r0.3": {"range": 0.3},
     "block": {"granularity": "block"}, "block_module": {"granularity": "block_module"},
-    "module": {"granularity": "module"},
+    "module": {"granularity": "module"}, "layer": {"granularity": "layer"},  # the default before trend_layer
     "trend": {"granularity": "trend"}, "trend_layer": {"granularity": "trend_layer"},  # depth + type offsets
     "trend_depth": {"granularity": "trend", "trend_types": False},  # depth terms only
     "trend_depth_layer": {"granularity": "trend_layer", "trend_types": False},
@@ -253,7 +253,7 @@ class Bench:
                           "s_per_eval": sum(evals) / len(evals) if evals else None},
                "layer_sparsity": r.profile.sparsity,
                "profile": r.profile.to_dict(),  # the shipped allocation in full: --publish ships it
-               "command": " ".join(sys.argv)}
+               "command": " ".join(["python", *sys.argv])}
         return out
 
 
@@ -268,8 +268,8 @@ class Bench:
         from lib.search_space import SearchConfig, SearchSpace, module_shapes, profile_counts, realized_profile
 
         shapes = module_shapes(self.model)
-        space = SearchSpace(SearchConfig(target=target, granularity=DEFAULT_VARIANT["granularity"],
-                                         sparsity_range=DEFAULT_VARIANT["range"]), shapes,
+        space = SearchSpace(SearchConfig(target=target, granularity="layer", sparsity_range=DEFAULT_VARIANT["range"]),
+                            shapes,
                             self.model.config.num_hidden_layers)
         rng = random.Random(self.args.seed)
         allocs = [space.allocation(None)] + [
@@ -419,7 +419,8 @@ def markdown(cells: dict, tag: str) -> str:
     for c in rank:
         lines.append("")
         lines.append(f"Oneshot vs sequential ranking ({c['method']}, {c['target']:.2f}): Spearman "
-                     f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the default space, "
+                     f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the per-layer space "
+                     f"(+-{DEFAULT_VARIANT['range']:g}), "
                      "each scored on the search objective both ways"
                      + (f" (pruned with {c['calib_windows']} calibration windows)." if c.get("calib_windows") else "."))
     return "\n".join(lines)
