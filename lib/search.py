@@ -223,11 +223,11 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         so every worker and every resume refines around the same levels."""
         if cfg.granularity != "trend_layer" or not cfg.searches_sparsity or space.center is not None:
             return
-        spent = cost() / cfg.budget_evals if cfg.budget_evals is not None else len(trials()) / cfg.n_trials
-        if spent < cfg.coarse_fraction:
-            return
-        stored = study.user_attrs.get("refine_center")
+        stored = study.user_attrs.get("refine_center")  # set by an earlier run or another worker
         if stored is None:
+            spent = cost() / cfg.budget_evals if cfg.budget_evals is not None else len(trials()) / cfg.n_trials
+            if spent < cfg.coarse_fraction:
+                return
             coarse = [t for t in trials((optuna.trial.TrialState.COMPLETE,)) if "trend_slope" in t.params]
             if not coarse:
                 return
@@ -239,8 +239,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                         cfg.objective, best_coarse.value)
         use_center(stored)
 
-    if study.user_attrs.get("refine_center") is not None and cfg.granularity == "trend_layer":
-        use_center(study.user_attrs["refine_center"])  # a resumed study refines where it left off
+    refine_stage()  # a resumed study refines where it left off
     logger.info("study '%s' (%s): %d of %d trials finished; %s sampler, %s pruner, objective %s on %d windows of %d",
                 name, url.split("@")[-1], done, cfg.n_trials, cfg.sampler, cfg.pruner, cfg.objective, nwin, seqlen)
     runner = TrialRunner(model, cfg, space, calib, objective, device, offload, kv_kwargs, trial_kv)

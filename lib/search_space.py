@@ -242,7 +242,8 @@ class SearchSpace:
         self.kv_budget = cfg.kv_budget
         self.kv_slots = (2 if cfg.kv_separate else 1) * num_layers
         self.center: list[int] | None = None  # trend_layer's refine stage: the levels it searches around
-        self.unit_layer = [g[0][0] for g in self.groups]  # trends: every unit lies in one layer
+        self.unit_layer = [g[0][0] for g in self.groups]  # trends: every unit lies in one layer...
+        self.unit_type = [projection_type(g[0][1]) for g in self.groups]  # ...and, per module, has one type
         self.types = list(dict.fromkeys(projection_type(u[1]) for u in shapes)) \
             if self.trend and cfg.trend_types else []
 
@@ -301,7 +302,7 @@ class SearchSpace:
         out = []
         for g, w in enumerate(self.weights):
             x = xs[self.unit_layer[g]]
-            offset = params[f"trend_{projection_type(self.groups[g][0][1])}"] if self.types else 0.0
+            offset = params[f"trend_{self.unit_type[g]}"] if self.types else 0.0
             out.append((slope * x + curve * (x * x - 1 / 3) + offset) * w / self.quantum)
         return out
 

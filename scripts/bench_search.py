@@ -514,9 +514,10 @@ def main() -> int:
     args = p.parse_args()
     tag = os.path.basename(os.path.normpath(args.model))
     if args.publish:
-        replace_section(args.publish, markdown(load_cells(args.cells_dir, tag), tag), f"bench_search_{tag}")
+        cells = load_cells(args.cells_dir, tag)
+        replace_section(args.publish, markdown(cells, tag), f"bench_search_{tag}")
         if args.profiles_dir:
-            for path in write_profiles(load_cells(args.cells_dir, tag), tag, args.profiles_dir, args.ship_variant):
+            for path in write_profiles(cells, tag, args.profiles_dir, args.ship_variant):
                 logger.info("shipped %s", path)
             replace_section(os.path.join(args.profiles_dir, "README.md"),
                             profiles_markdown(args.profiles_dir, args.cells_dir), "profiles")
