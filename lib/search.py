@@ -228,7 +228,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
             spent = cost() / cfg.budget_evals if cfg.budget_evals is not None else len(trials()) / cfg.n_trials
             if spent < cfg.coarse_fraction:
                 return
-            coarse = [t for t in trials((optuna.trial.TrialState.COMPLETE,)) if "trend_slope" in t.params]
+            coarse = [t for t in trials((optuna.trial.TrialState.COMPLETE,)) if space.is_trend_trial(t.params)]
             if not coarse:
                 return
             best_coarse = min(coarse, key=lambda t: (t.value, t.number))

@@ -294,6 +294,10 @@ class SearchSpace:
     def trend_param_names(self) -> list[str]:
         return [*TREND_DEPTH_PARAMS, *(f"trend_{t}" for t in self.types)]
 
+    def is_trend_trial(self, params: dict[str, Any]) -> bool:
+        """Whether sampled parameters are a trend (trend_layer's coarse stage), not per-layer moves."""
+        return self.trend and all(n in params for n in self.trend_param_names())
+
     def trend_levels(self, params: dict[str, float]) -> list[float]:
         """Raw per-unit levels of a trend (repair clips them and keeps the budget)."""
         n = self.num_layers
@@ -330,9 +334,7 @@ class SearchSpace:
             moves = [params[n] for n in self.refine_param_names()]
             return [c + moves[self.unit_layer[g]] * self._step_levels(g) for g, c in enumerate(self.center)]
         if self.trend:
-            if not all(n in params for n in self.trend_param_names()):
-                return None
-            return self.trend_levels(params)
+            return self.trend_levels(params) if self.is_trend_trial(params) else None
         if not all(n in params for n in self.param_names()):
             return None
         return [params[n] for n in self.param_names()]
