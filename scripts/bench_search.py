@@ -118,6 +118,36 @@ def take_lock(lock: str) -> bool:
     return False
 
 
+def source_cell(cells_dir: str, tag: str, name: str) -> str:
+    return os.path.join(cells_dir, tag, f"{name}.json")
+
+
+def check_profiles_from(args, tag: str) -> str | None:
+    """What is wrong with ``--profiles_from`` for the requested search cells (None: every source cell exists,
+    holds its shipped profile and was calibrated as this run will be, so its shipped model can be rebuilt)."""
+    for t in args.targets:
+        for variant in args.variants:
+            for m in args.methods:
+                path = source_cell(args.profiles_from, tag, f"search-{m}-s{t:.2f}-{variant}")
+                if not os.path.exists(path):
+                    return f"--profiles_from: no cell {path} (measure it first)"
+                try:
+                    src = json.load(open(path, encoding="utf-8"))
+                except (OSError, ValueError) as e:
+                    return f"--profiles_from: cannot read {path}: {e}"
+                if "profile" not in src:
+                    return f"--profiles_from: {path} holds no shipped profile (a cell from before profiles were stored)"
+                same_split = ("--split_c4" in src.get("command", "")) == args.split_c4
+                seed = (src["profile"].get("meta") or {}).get("seed")
+                if not same_split or seed != args.seed:
+                    return (f"--profiles_from: {path} drew its calibration with other flags (--split_c4, --seed "
+                            f"{seed}): its model cannot be rebuilt")
+                if src.get("nsamples") != args.nsamples or (args.seqlen and src.get("seqlen") != args.seqlen):
+                    return (f"--profiles_from: {path} was calibrated on {src.get('nsamples')} windows of "
+                            f"{src.get('seqlen')}, not {args.nsamples} of {args.seqlen}: its model cannot be rebuilt")
+    return None
+
+
 class Bench:
     def __init__(self, args):
         from lib import data
@@ -223,6 +253,40 @@ class Bench:
                 "owl_m": DEFAULT_M, "layer_sparsity": prof.sparsity, **self.prune(method, prof)}
 
     def search(self, method: str, target: float, variant: str) -> dict:
+        if self.args.profiles_from:
+            return self.searched_profile(method, target, variant)
+        return self.run_search(method, target, variant)
+
+    def searched_profile(self, method: str, target: float, variant: str) -> dict:
+        """A search cell measured in ``--profiles_from``: its shipped profile pruned again as it shipped (oneshot
+        or sequential, on the same calibration windows), no search. How a cheap protocol's searches are scored
+        on a costlier one (the full test set) without searching again."""
+        from lib.oneshot import prune_oneshot
+        from lib.profile import Profile
+
+        path = source_cell(self.args.profiles_from, self.tag, f"search-{method}-s{target:.2f}-{variant}")
+        src = json.load(open(path, encoding="utf-8"))  # checked by check_profiles_from before any work
+        prof = Profile.from_dict(src["profile"])
+        if src["search"]["shipped"] == "oneshot":
+            res = prune_oneshot(self.model, self.calib, prof, method, "cpu")
+            timing = {"calib_seconds": res.calib_seconds, "prune_seconds": res.prune_seconds}
+        else:
+            timing = self.prune(method, prof)
+        rebuilt = None
+        if src.get("objective") == "ppl":  # the rebuilt model must be the one the search shipped: score it again
+            from lib.objective import Objective
+
+            rebuilt = Objective(self.model, self.val_ids, self.seqlen, src["search"]["objective_windows"], "cpu",
+                                False)()
+            if rebuilt != src["search"]["shipped_value"]:
+                logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
+                               path, rebuilt, src["search"]["shipped_value"])
+        keep = ("allocation", "method", "target", "variant", "range", "granularity", "sampler", "objective",
+                "pruner", "trend_types", "search", "layer_sparsity", "profile", "command")
+        return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
+                "source_wikitext2_test": src["wikitext2_test"], "source_test_windows": src["test_windows"]}
+
+    def run_search(self, method: str, target: float, variant: str) -> dict:
         from lib.search import run_search
         from lib.search_space import SearchConfig
 
@@ -373,6 +437,11 @@ def gap_closed(cells: dict, row: dict) -> float | None:
     return (uni["wikitext2_test"] - row["wikitext2_test"]) / (uni["wikitext2_test"] - dense["wikitext2_test"])
 
 
+def searched_before(cell: dict) -> str:
+    """The search time of a cell rebuilt from another protocol's profile (its own seconds are the prune)."""
+    return f" (+{cell['search']['seconds']:.0f} searched before)" if cell.get("profile_from") else ""
+
+
 def markdown(cells: dict, tag: str) -> str:
     if not cells:
         return f"No cells measured yet for `{tag}`."
@@ -408,6 +477,8 @@ def markdown(cells: dict, tag: str) -> str:
             unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {c['sampler']}, "
                     f"{c['objective']} on {s['objective_windows']} windows, shipped {s['shipped']})")
+            if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
+                name += f", profile searched in `{os.path.basename(os.path.dirname(os.path.dirname(c['profile_from'])))}`"
         gap = gap_closed(cells, c) if c["allocation"] in ("uniform", "owl", "search") else None
         cost = f"{s['cost_evals']:.1f} ({s['complete_trials']}/{s['pruned_trials']})" if s else ""
         per_eval = f"{s['s_per_eval']:.1f}" if s and s.get("s_per_eval") else ""
@@ -415,7 +486,7 @@ def markdown(cells: dict, tag: str) -> str:
                "host copy") if s else ""
         lines.append(f"| {c['target']:.2f} | {name} ({c['method']}) | {c['wikitext2_test']:.2f} | {c['c4_val']:.2f} | "
                      f"{c['actual_sparsity']:.4f} | {'' if gap is None else f'{gap:.3f}'} | {cost} | {per_eval} | "
-                     f"{mem} | {c['seconds']:.0f} |")
+                     f"{mem} | {c['seconds']:.0f}{searched_before(c)} |")
     for c in rank:
         lines.append("")
         lines.append(f"Oneshot vs sequential ranking ({c['method']}, {c['target']:.2f}): Spearman "
@@ -510,18 +581,28 @@ def main() -> int:
                    help="with --publish: ship the --ship_variant search cells' profiles here, and their table")
     p.add_argument("--ship_variant", default="default", type=variant_name,
                    help="the search cells whose profiles are shipped (default: main.py's default settings)")
+    p.add_argument("--profiles_from", default=None,
+                   help="search cells: rebuild the shipped model of the same cell measured in this cells dir "
+                        "(same calibration) and score it here, without searching (the full test set)")
+    p.add_argument("--section", default=None,
+                   help="with --publish: the marked section to replace (default: bench_search_<model>)")
     p.add_argument("--publish", default=None, help="write the table into this markdown file and exit")
     args = p.parse_args()
     tag = os.path.basename(os.path.normpath(args.model))
     if args.publish:
         cells = load_cells(args.cells_dir, tag)
-        replace_section(args.publish, markdown(cells, tag), f"bench_search_{tag}")
+        replace_section(args.publish, markdown(cells, tag), args.section or f"bench_search_{tag}")
         if args.profiles_dir:
             for path in write_profiles(cells, tag, args.profiles_dir, args.ship_variant):
                 logger.info("shipped %s", path)
             replace_section(os.path.join(args.profiles_dir, "README.md"),
                             profiles_markdown(args.profiles_dir, args.cells_dir), "profiles")
         return 0
+    if args.profiles_from and "search" in args.cells:
+        problem = check_profiles_from(args, tag)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     for noisy in ("transformers", "lib.eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -51,3 +51,31 @@ def test_publish_ships_the_profiles_of_the_default_settings_only(tmp_path):
     loaded = load_profile(written[0], 2)
     assert loaded.sparsity == [0.4, 0.6]
     assert loaded.meta["command"] == "python x" and loaded.meta["bench_cell"] == "search-optspa-s0.50-default"
+
+
+def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llama, data_dir, tmp_path):
+    """A search cell measured once can be scored on another protocol without searching again: the rebuilt model
+    is the shipped one (same search-objective value, same test perplexity, bit for bit)."""
+    import json
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
+    common = [sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
+              "--nsamples", "4", "--objective_nsamples", "2", "--n_trials", "6", "--budget", "3", "--threads", "1",
+              "--c4_windows", "2", "--test_windows", "3", "--targets", "0.5", "--methods", "wanda", "--cells", "search"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    run = subprocess.run([*common, "--cells_dir", first], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    bad = subprocess.run([*common, "--cells_dir", second, "--profiles_from", first, "--seed", "1"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "cannot be rebuilt" in bad.stderr and not os.path.exists(second)
+    run = subprocess.run([*common, "--cells_dir", second, "--profiles_from", first], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    name = "search-wanda-s0.50-default.json"
+    tag = os.path.basename(tiny_llama)
+    src = json.load(open(os.path.join(first, tag, name), encoding="utf-8"))
+    out = json.load(open(os.path.join(second, tag, name), encoding="utf-8"))
+    assert out["rebuilt_value"] == src["search"]["shipped_value"]
+    assert out["wikitext2_test"] == src["wikitext2_test"] and out["profile"] == src["profile"]
+    assert out["profile_from"].endswith(name) and out["search"] == src["search"]
