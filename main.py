@@ -740,9 +740,9 @@ def prune(st: Run) -> None:
         if st.calib is None:  # the search or OWL may have drawn it already
             st.calib = load_calibration(args, st.tokenizer, st.seqlen, st.processor)
         calib = st.calib
-        if profile.meta.get("shipped") == "oneshot" and method in ("wanda", "optspa") and not pattern.structured:
-            from lib.oneshot import prune_oneshot
+        from lib.oneshot import prune_oneshot, shipped_oneshot
 
+        if shipped_oneshot(profile, method, pattern.structured):
             # The search shipped (and scored) this profile pruned oneshot: apply it the same way.
             logger.info("the profile shipped a oneshot-pruned model: scores from dense activations, thresholded")
             st.result = prune_oneshot(model, calib, profile, method, device, offload)

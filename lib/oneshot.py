@@ -158,6 +158,12 @@ class OneShotPruner:
         return sum(b.nbytes() for b in self.bands.values())
 
 
+def shipped_oneshot(profile, method: str, structured: bool = False) -> bool:
+    """Whether ``profile`` must be applied as a oneshot search shipped it (scores from the dense model,
+    thresholded) rather than by ``method``'s own layer-by-layer pruning: the one rule every re-apply follows."""
+    return profile.meta.get("shipped") == "oneshot" and method in SCORES and not structured
+
+
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, calib: list[torch.Tensor], profile, method: str, device: str | torch.device,
                   offload: bool = False):

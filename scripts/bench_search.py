@@ -118,7 +118,7 @@ def take_lock(lock: str) -> bool:
     return False
 
 
-def source_cell(cells_dir: str, tag: str, name: str) -> str:
+def cell_path(cells_dir: str, tag: str, name: str) -> str:
     return os.path.join(cells_dir, tag, f"{name}.json")
 
 
@@ -128,7 +128,7 @@ def check_profiles_from(args, tag: str) -> str | None:
     for t in args.targets:
         for variant in args.variants:
             for m in args.methods:
-                path = source_cell(args.profiles_from, tag, f"search-{m}-s{t:.2f}-{variant}")
+                path = cell_path(args.profiles_from, tag, f"search-{m}-s{t:.2f}-{variant}")
                 if not os.path.exists(path):
                     return f"--profiles_from: no cell {path} (measure it first)"
                 try:
@@ -181,7 +181,7 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def cell(self, name: str, fn) -> dict:
-        path = os.path.join(self.dir, f"{name}.json")
+        path = cell_path(self.args.cells_dir, self.tag, name)
         if os.path.exists(path):
             return json.load(open(path, encoding="utf-8"))
         if not take_lock(path + ".lock"):  # several runners may share the cells: one measures a cell
@@ -261,13 +261,13 @@ class Bench:
         """A search cell measured in ``--profiles_from``: its shipped profile pruned again as it shipped (oneshot
         or sequential, on the same calibration windows), no search. How a cheap protocol's searches are scored
         on a costlier one (the full test set) without searching again."""
-        from lib.oneshot import prune_oneshot
+        from lib.oneshot import prune_oneshot, shipped_oneshot
         from lib.profile import Profile
 
-        path = source_cell(self.args.profiles_from, self.tag, f"search-{method}-s{target:.2f}-{variant}")
+        path = cell_path(self.args.profiles_from, self.tag, f"search-{method}-s{target:.2f}-{variant}")
         src = json.load(open(path, encoding="utf-8"))  # checked by check_profiles_from before any work
         prof = Profile.from_dict(src["profile"])
-        if src["search"]["shipped"] == "oneshot":
+        if shipped_oneshot(prof, method):
             res = prune_oneshot(self.model, self.calib, prof, method, "cpu")
             timing = {"calib_seconds": res.calib_seconds, "prune_seconds": res.prune_seconds}
         else:
