@@ -137,15 +137,25 @@ def check_profiles_from(args, tag: str) -> str | None:
                     return f"--profiles_from: cannot read {path}: {e}"
                 if "profile" not in src:
                     return f"--profiles_from: {path} holds no shipped profile (a cell from before profiles were stored)"
-                same_split = ("--split_c4" in src.get("command", "")) == args.split_c4
-                seed = (src["profile"].get("meta") or {}).get("seed")
-                if not same_split or seed != args.seed:
-                    return (f"--profiles_from: {path} drew its calibration with other flags (--split_c4, --seed "
-                            f"{seed}): its model cannot be rebuilt")
-                if src.get("nsamples") != args.nsamples or (args.seqlen and src.get("seqlen") != args.seqlen):
-                    return (f"--profiles_from: {path} was calibrated on {src.get('nsamples')} windows of "
-                            f"{src.get('seqlen')}, not {args.nsamples} of {args.seqlen}: its model cannot be rebuilt")
+                theirs = src.get("calibration") or {  # cells from before calibration was stored
+                    "nsamples": src.get("nsamples"), "seqlen": src.get("seqlen"),
+                    "seed": (src["profile"].get("meta") or {}).get("seed"),
+                    "split_c4": "--split_c4" in src.get("command", ""),
+                    "c4_val_docs": int((re.search(r"--c4_val_docs[ =](\d+)", src.get("command", "")) or [0, 380])[1])
+                    if "--split_c4" in src.get("command", "") else None}
+                ours = calibration_of(args, args.seqlen)
+                differ = [k for k in ours if theirs.get(k) != ours[k]]
+                if differ:
+                    return (f"--profiles_from: {path} drew its calibration with other settings ("
+                            + ", ".join(f"{k} {theirs.get(k)} here {ours[k]}" for k in differ)
+                            + "): its model cannot be rebuilt")
     return None
+
+
+def calibration_of(args, seqlen: int | None) -> dict:
+    """The settings that draw a cell's calibration windows (the held-out C4 documents change them too)."""
+    return {"nsamples": args.nsamples, "seqlen": seqlen, "seed": args.seed, "split_c4": bool(args.split_c4),
+            "c4_val_docs": args.c4_val_docs if args.split_c4 else None}
 
 
 class Bench:
@@ -201,12 +211,16 @@ class Bench:
         t0 = time.perf_counter()
         res = fn()
         res.update({"cell": name, "seconds": time.perf_counter() - t0, "machine": machine(self.args.threads),
-                    "nsamples": self.args.nsamples, "seqlen": self.seqlen})
+                    "nsamples": self.args.nsamples, "seqlen": self.seqlen, "calibration": self.calibration()})
         if not res.pop("skip_eval", False):
             res.update(self.evaluate())
             logger.info("cell %s: wikitext2 test %.3f, c4 val %.3f", name, res["wikitext2_test"], res["c4_val"])
         write_json(path, res)
         return res
+
+    def calibration(self) -> dict:
+        """What draws the calibration windows: a cell's model is rebuilt only under the same."""
+        return calibration_of(self.args, self.seqlen)
 
     def evaluate(self) -> dict:
         from lib.kvquant import simulate_kv_quant

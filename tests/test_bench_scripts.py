@@ -68,13 +68,21 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     assert run.returncode == 0, run.stderr[-2000:]
     bad = subprocess.run([*common, "--cells_dir", second, "--profiles_from", first, "--seed", "1"],
                          capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "cannot be rebuilt" in bad.stderr and not os.path.exists(second)
+    assert bad.returncode == 2 and "seed 0 here 1" in bad.stderr and not os.path.exists(second)
+    name = "search-wanda-s0.50-default.json"
+    tag = os.path.basename(tiny_llama)
+    src_path = os.path.join(first, tag, name)
+    src = json.load(open(src_path, encoding="utf-8"))
+    assert src["calibration"] == {"nsamples": 4, "seqlen": 32, "seed": 0, "split_c4": False, "c4_val_docs": None}
+    # a cell written before calibration was stored: its count and command still say how it was calibrated
+    old = {k: v for k, v in src.items() if k != "calibration"}
+    json.dump(old, open(src_path, "w", encoding="utf-8"))
+    bad = subprocess.run([*common, "--cells_dir", second, "--profiles_from", first, "--split_c4"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "split_c4 False here True" in bad.stderr and not os.path.exists(second)
     run = subprocess.run([*common, "--cells_dir", second, "--profiles_from", first], capture_output=True, text=True,
                          env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    name = "search-wanda-s0.50-default.json"
-    tag = os.path.basename(tiny_llama)
-    src = json.load(open(os.path.join(first, tag, name), encoding="utf-8"))
     out = json.load(open(os.path.join(second, tag, name), encoding="utf-8"))
     assert out["rebuilt_value"] == src["search"]["shipped_value"]
     assert out["wikitext2_test"] == src["wikitext2_test"] and out["profile"] == src["profile"]
