@@ -320,6 +320,9 @@ class Bench:
         ids = self.kl_tokens(windows) if v["objective"] == "kl" else self.val_ids
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=ids, seqlen=self.seqlen,
                        objective_nsamples=windows, model_name=self.tag, progress=False)
+        # every trial beside the cell, for anyone who wants the search's history, not only its winner
+        trials_csv = cell_path(a.cells_dir, self.tag, f"search-{method}-s{target:.2f}-{variant}")[:-5] + ".trials.csv"
+        shutil.copyfile(r.files["trials"], trials_csv)
         complete = [t for t in r.trials if t["state"] == "COMPLETE"]
         secs = [t["trial_seconds"] for t in complete if t["trial_seconds"] and t["windows"]]
         evals = [t["eval_seconds"] for t in complete if t["eval_seconds"] and t["windows"]]
@@ -331,7 +334,7 @@ class Bench:
                           "s_per_eval": sum(evals) / len(evals) if evals else None},
                "layer_sparsity": r.profile.sparsity,
                "profile": r.profile.to_dict(),  # the shipped allocation in full: --publish ships it
-               "command": " ".join(["python", *sys.argv])}
+               "command": " ".join(["python", *sys.argv]), "trials_csv": os.path.basename(trials_csv)}
         return out
 
 

@@ -56,6 +56,7 @@ def test_publish_ships_the_profiles_of_the_default_settings_only(tmp_path):
 def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llama, data_dir, tmp_path):
     """A search cell measured once can be scored on another protocol without searching again: the rebuilt model
     is the shipped one (same search-objective value, same test perplexity, bit for bit)."""
+    import csv
     import json
 
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
@@ -74,6 +75,10 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     src_path = os.path.join(first, tag, name)
     src = json.load(open(src_path, encoding="utf-8"))
     assert src["calibration"] == {"nsamples": 4, "seqlen": 32, "seed": 0, "split_c4": False, "c4_val_docs": None}
+    with open(os.path.join(first, tag, src["trials_csv"]), encoding="utf-8") as f:  # the search's history
+        rows = list(csv.DictReader(f))
+    assert len(rows) == src["search"]["trials"]
+    assert min(float(r["value"]) for r in rows if r["state"] == "COMPLETE") == src["search"]["best_value"]
     # a cell written before calibration was stored: its count and command still say how it was calibrated
     old = {k: v for k, v in src.items() if k != "calibration"}
     json.dump(old, open(src_path, "w", encoding="utf-8"))
