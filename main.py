@@ -643,7 +643,7 @@ def load(st: Run) -> None:
 
         linears = sum(m.weight.numel() for layer in models.decoder_layers(model)
                       for m in models.find_linears(layer).values())
-        buffers += band_bytes_estimate(linears, dtype.itemsize, args.sparsity_range)  # beside the weights
+        buffers += band_bytes_estimate(linears, args.sparsity_range)  # beside the weights
     try:
         st.offload = models.should_offload(model, st.device, args.offload, buffer_bytes=buffers)
     except models.DeviceMemoryError as exc:

@@ -3,10 +3,11 @@
 Oneshot trials score every weight once from dense activations (Wanda's |W|·‖X‖ or the Optspa metric) and a
 trial only thresholds: per row, the ``k`` lowest scores are zero. Any feasible trial prunes between
 ``k_min`` and ``k_max`` columns per row of a module (:meth:`SearchSpace.count_bounds`), so the pruner keeps
-only that band of the per-row order and the band's dense values; the ``k_min`` lowest are zeroed once and
-stay zero (their positions kept as a bit mask, for the saved masks). Scores and orders are computed on the
-compute device; the band lives beside the weight it belongs to. Memory besides the model: the band's
-indices and values plus one bit per weight (:meth:`OneShotPruner.nbytes`), reported by the search.
+only that band of the per-row order; the ``k_min`` lowest are zeroed once and stay zero (their positions
+kept as a bit mask, for the saved masks). Scores and orders are computed on the compute device; the band's
+indices live beside the weight they belong to, and a trial that prunes less puts the dense values back from
+the host snapshot (:class:`DenseSnapshot`), a few columns per row. Memory besides the model on the device:
+the band's indices plus one bit per weight (:meth:`OneShotPruner.nbytes`), reported by the search.
 """
 from __future__ import annotations
 
@@ -71,19 +72,19 @@ def dense_input_stats(model: nn.Module, calib: list[torch.Tensor], device: str |
 
 
 class _Band:
-    """One module's part of the order that trials can move: ranks ``lo`` to ``hi`` of every row."""
+    """One module's part of the order that trials can move: ranks ``lo`` to ``hi`` of every row. It holds
+    indices only; the dense values come from ``dense`` (the module's weight in the host snapshot)."""
 
-    def __init__(self, weight: torch.Tensor, score: torch.Tensor, lo: int, hi: int):
+    def __init__(self, weight: torch.Tensor, score: torch.Tensor, lo: int, hi: int, dense: torch.Tensor | None):
         order = torch.sort(score, dim=1, stable=True).indices  # the order prune_mask uses
         cols = weight.shape[1]
         idx_dtype = torch.int16 if cols < 32768 else torch.int32  # half the memory on LLaMA-size rows
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi, self.dense = lo, hi, dense
         home = weight.device
         always = torch.zeros(weight.shape, dtype=torch.bool, device=order.device)
         always.scatter_(1, order[:, :lo], True)
         self.always = pack(always.cpu())  # one bit per weight: the saved masks need these positions
         self.idx = order[:, lo:hi].to(idx_dtype).to(home)
-        self.values = weight.gather(1, order[:, lo:hi].to(home)).clone()
         weight.masked_fill_(always.to(home), 0)
         self.k = lo  # columns per row pruned now
 
@@ -93,7 +94,13 @@ class _Band:
         a, b = sorted((k - self.lo, self.k - self.lo))
         if a != b:
             idx = self.idx[:, a:b].long()
-            weight.scatter_(1, idx, 0 if k > self.k else self.values[:, a:b])
+            if k > self.k:
+                weight.scatter_(1, idx, 0)
+            else:  # prune less: the dense values back, from the host copy
+                if self.dense is None:
+                    raise ValueError("putting weights back needs the dense snapshot")
+                values = self.dense.gather(1, idx.to(self.dense.device))
+                weight.scatter_(1, idx, values.to(weight.device, weight.dtype, non_blocking=True))
         self.k = k
 
     def reset(self, weight: torch.Tensor) -> None:
@@ -107,7 +114,7 @@ class _Band:
         return mask
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.idx, self.values, self.always))
+        return sum(t.numel() * t.element_size() for t in (self.idx, self.always))
 
 
 class OneShotPruner:
@@ -118,7 +125,10 @@ class OneShotPruner:
     same scores (tested)."""
 
     def __init__(self, model: nn.Module, stats: dict[Unit, torch.Tensor], method: str,
-                 bounds: dict[Unit, tuple[int, int]], device: str | torch.device):
+                 bounds: dict[Unit, tuple[int, int]], device: str | torch.device,
+                 dense: DenseSnapshot | None = None):
+        """``dense``: the snapshot taken before this pruner zeroes anything; trials that prune less than the
+        one before read their values from it (only a fixed count, ``lo == hi`` everywhere, needs none)."""
         if method not in SCORES:
             raise ValueError(f"oneshot trials need a score-based method ({', '.join(SCORES)}), not {method}")
         self.modules = linear_modules(model)
@@ -128,7 +138,7 @@ class OneShotPruner:
         for u, mod in tqdm(self.modules.items(), desc="oneshot orders", leave=False):
             w = mod.weight.data
             score = SCORES[method](w.to(device), stats[u].to(device))
-            self.bands[u] = _Band(w, score, *bounds[u])
+            self.bands[u] = _Band(w, score, *bounds[u], dense.weights[u] if dense is not None else None)
             del score
 
     @torch.no_grad()

@@ -102,12 +102,12 @@ class TrialRunner:
             if zeros > 0.01:  # trials restore to these weights and score them as if they were dense
                 logger.warning("the model's decoder linears are already %.1f%% zeros: the sparsity search prunes "
                                "these weights as if they were dense", 100 * zeros)
-            if cfg.trial_mode == "sequential" or cfg.reprune_top > 0:
-                self.snapshot = DenseSnapshot(model)  # on the host: sequential trials and re-prunes start here
+            # On the host: sequential trials and re-prunes start here, oneshot trials take dense values back.
+            self.snapshot = DenseSnapshot(model)
             if cfg.trial_mode == "oneshot":
                 t0 = time.perf_counter()
                 stats = dense_input_stats(model, calib, device, offload)
-                self.oneshot = OneShotPruner(model, stats, cfg.method, space.count_bounds(), device)
+                self.oneshot = OneShotPruner(model, stats, cfg.method, space.count_bounds(), device, self.snapshot)
                 logger.info("oneshot %s scores from dense activations in %.1f s", cfg.method,
                             time.perf_counter() - t0)
 

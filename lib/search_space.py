@@ -500,8 +500,9 @@ def profile_counts(profile: Profile, shapes: dict[Unit, tuple[int, int]]) -> dic
     return {u: int(shapes[u][1] * profile.ratio(*u)) for u in shapes}
 
 
-def band_bytes_estimate(linear_params: int, dtype_bytes: int, sparsity_range: float) -> int:
-    """What oneshot trials hold beside the model (see :mod:`lib.oneshot`): per weight in the movable band
-    (``2 * range`` of every row, plus a few columns) an int16 index and its dense value, plus one bit."""
+def band_bytes_estimate(linear_params: int, sparsity_range: float) -> int:
+    """What oneshot trials hold beside the model on its device (see :mod:`lib.oneshot`): per weight in the
+    movable band (``2 * range`` of every row, plus a few columns) an int16 index, plus one bit per weight.
+    (The dense copy they take values back from is in host memory.)"""
     band = min(1.0, 2 * sparsity_range + 0.01)
-    return int(linear_params * (band * (2 + dtype_bytes) + 0.125))
+    return int(linear_params * (band * 2 + 0.125))

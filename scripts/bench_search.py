@@ -358,7 +358,7 @@ class Bench:
         obj = Objective(self.model, self.val_ids, self.seqlen, self.args.objective_nsamples, "cpu", False)
         calib = self.calib[: self.args.rank_nsamples or len(self.calib)]  # both rankings see the same windows
         stats = dense_input_stats(self.model, calib, "cpu")
-        pruner = OneShotPruner(self.model, stats, method, space.count_bounds(), "cpu")
+        pruner = OneShotPruner(self.model, stats, method, space.count_bounds(), "cpu", self.snapshot)
         profiles = [realized_profile(self.model, a.unit_ratio, target) for a in allocs]
         oneshot = []
         for prof in profiles:

@@ -23,8 +23,8 @@ from lib.masks import unpack
 from lib.oneshot import DenseSnapshot, dense_input_stats
 from lib.search import run_search
 from lib.study import open_storage
-from lib.search_space import (SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts, realize,
-                              realized_sparsity)
+from lib.search_space import (SearchConfig, SearchError, SearchSpace, band_bytes_estimate, module_shapes,
+                              profile_counts, realize, realized_sparsity)
 from lib.sparsity import SparsityType
 
 COMMON = ["--nsamples", "4", "--seqlen", "32", "--objective_nsamples", "2", "--kv_group_size", "16"]  # tiny models: head_dim 16
@@ -184,7 +184,7 @@ def test_oneshot_trials_equal_prune_mask_on_dense_scores_in_any_sequence(tiny_ll
     snap = DenseSnapshot(lm.model)
     stats = dense_input_stats(lm.model, _calib(lm), "cpu")
     bounds = {u: (int(c * 0.2), int(c * 0.8)) for u, (_, c) in shapes.items()}
-    pruner = OneShotPruner(lm.model, stats, method, bounds, "cpu")
+    pruner = OneShotPruner(lm.model, stats, method, bounds, "cpu", snap)
     rng = random.Random(0)
     for step in range(6):
         counts = {u: rng.randint(*bounds[u]) for u in shapes}
@@ -203,7 +203,14 @@ def test_oneshot_trials_equal_prune_mask_on_dense_scores_in_any_sequence(tiny_ll
         want = prune_mask(SCORES[method](snap.weights[u], stats[u]), counts[u] / snap.weights[u].shape[1] + 1e-9,
                           SparsityType())
         assert torch.equal(mod.weight.data, snap.weights[u].masked_fill(want, 0))
-    assert pruner.nbytes() < sum(w.numel() * w.element_size() for w in snap.weights.values())
+    # on the device only indices (int16) and a bit per weight: the values come back from the host copy
+    linears = sum(w.numel() for w in snap.weights.values())
+    assert pruner.nbytes() == sum(b.idx.numel() * 2 + b.always.numel() for b in pruner.bands.values())
+    assert pruner.nbytes() <= band_bytes_estimate(linears, 0.3) < linears * 4 / 2
+    without = OneShotPruner(lm.model, stats, method, bounds, "cpu")  # no snapshot: may only prune more
+    without.apply({u: hi for u, (_, hi) in bounds.items()})
+    with pytest.raises(ValueError, match="dense snapshot"):
+        without.apply({u: lo for u, (lo, _) in bounds.items()})
 
 
 def test_prune_oneshot_reapplies_a_profile_as_the_trials_pruned_it(tiny_llama):
