@@ -514,20 +514,24 @@ def markdown(cells: dict, tag: str) -> str:
     return "\n".join(lines)
 
 
-def write_profiles(cells: dict, tag: str, profiles_dir: str, variant: str) -> list[str]:
-    """Ship the profiles of ``variant``'s search cells (the settings main.py runs by default) into
-    ``profiles_dir``, each with the command and the cell that measured it; cells without a stored profile are
-    left alone."""
+def write_profiles(cells: dict, tag: str, profiles_dir: str, variants: list[str]) -> list[str]:
+    """Ship the profiles of the ``variants``' search cells into ``profiles_dir``, each with the command and the
+    cell that measured it; cells without a stored profile are left alone. ``default`` (the settings main.py
+    runs by default) gets the plain name; another variant adds its settings to it (``..._s0.70_r0.3.json``)."""
     from lib.io import write_json
     from lib.profile import profile_filename
 
     written = []
     for name, c in sorted(cells.items()):
-        if c.get("allocation") != "search" or c.get("variant") != variant or "profile" not in c:
+        if c.get("allocation") != "search" or c.get("variant") not in variants or "profile" not in c:
             continue
         prof = json.loads(json.dumps(c["profile"]))
         prof.setdefault("meta", {}).update({"command": c.get("command"), "storage": None, "bench_cell": name})
-        path = os.path.join(profiles_dir, f"{tag}_" + profile_filename(c["method"], "unstructured", c["target"]))
+        filename = profile_filename(c["method"], "unstructured", c["target"])
+        if c["variant"] != "default":
+            suffix = "-".join(p for p in c["variant"].split("+") if p != "default")
+            filename = filename[: -len(".json")] + f"_{suffix}.json"
+        path = os.path.join(profiles_dir, f"{tag}_{filename}")
         write_json(path, prof)
         written.append(path)
     return written
@@ -595,9 +599,10 @@ def main() -> int:
     p.add_argument("--kv_avg", type=float, default=3.0, help="KV cells: average bits (keys and values)")
     p.add_argument("--kv_choices", type=int, nargs="+", default=[2, 3, 4, 6, 8])
     p.add_argument("--profiles_dir", default=None,
-                   help="with --publish: ship the --ship_variant search cells' profiles here, and their table")
-    p.add_argument("--ship_variant", default="default", type=variant_name,
-                   help="the search cells whose profiles are shipped (default: main.py's default settings)")
+                   help="with --publish: ship the --ship_variants search cells' profiles here, and their table")
+    p.add_argument("--ship_variants", nargs="+", default=["default"], type=variant_name,
+                   help="the search cells whose profiles are shipped (default: main.py's default settings; "
+                        "others get their settings in the file name)")
     p.add_argument("--profiles_from", default=None,
                    help="search cells: rebuild the shipped model of the same cell measured in this cells dir "
                         "(same calibration) and score it here, without searching (the full test set)")
@@ -610,7 +615,7 @@ def main() -> int:
         cells = load_cells(args.cells_dir, tag)
         replace_section(args.publish, markdown(cells, tag), args.section or f"bench_search_{tag}")
         if args.profiles_dir:
-            for path in write_profiles(cells, tag, args.profiles_dir, args.ship_variant):
+            for path in write_profiles(cells, tag, args.profiles_dir, args.ship_variants):
                 logger.info("shipped %s", path)
             replace_section(os.path.join(args.profiles_dir, "README.md"),
                             profiles_markdown(args.profiles_dir, args.cells_dir), "profiles")

@@ -45,9 +45,13 @@ def test_publish_ships_the_profiles_of_the_default_settings_only(tmp_path):
              "search-wanda-s0.50-r0.1": {**cell, "method": "wanda", "variant": "r0.1"},
              "search-optspa-s0.60-default": {**cell, "target": 0.6, "variant": "default", "profile": None}}
     del cells["search-optspa-s0.60-default"]["profile"]
-    written = bench.write_profiles(cells, "m", str(tmp_path), "default")
+    written = bench.write_profiles(cells, "m", str(tmp_path), ["default"])
     assert [os.path.basename(p) for p in written] == ["m_profile_optspa_unstructured_s0.50.json"]
     assert sorted(os.listdir(tmp_path)) == ["m_profile_optspa_unstructured_s0.50.json"]
+    # another variant, asked for, ships beside the default under a name that says its settings
+    more = bench.write_profiles(cells, "m", str(tmp_path), ["default", "r0.1"])
+    assert sorted(os.path.basename(p) for p in more) == ["m_profile_optspa_unstructured_s0.50.json",
+                                                        "m_profile_wanda_unstructured_s0.50_r0.1.json"]
     loaded = load_profile(written[0], 2)
     assert loaded.sparsity == [0.4, 0.6]
     assert loaded.meta["command"] == "python x" and loaded.meta["bench_cell"] == "search-optspa-s0.50-default"
