@@ -118,8 +118,15 @@ def take_lock(lock: str) -> bool:
     return False
 
 
+C4_VAL_DOCS = 380  # held-out C4 documents with --split_c4
+
+
 def cell_path(cells_dir: str, tag: str, name: str) -> str:
     return os.path.join(cells_dir, tag, f"{name}.json")
+
+
+def search_cell(method: str, target: float, variant: str) -> str:
+    return f"search-{method}-s{target:.2f}-{variant}"
 
 
 def check_profiles_from(args, tag: str) -> str | None:
@@ -128,7 +135,7 @@ def check_profiles_from(args, tag: str) -> str | None:
     for t in args.targets:
         for variant in args.variants:
             for m in args.methods:
-                path = cell_path(args.profiles_from, tag, f"search-{m}-s{t:.2f}-{variant}")
+                path = cell_path(args.profiles_from, tag, search_cell(m, t, variant))
                 if not os.path.exists(path):
                     return f"--profiles_from: no cell {path} (measure it first)"
                 try:
@@ -137,12 +144,7 @@ def check_profiles_from(args, tag: str) -> str | None:
                     return f"--profiles_from: cannot read {path}: {e}"
                 if "profile" not in src:
                     return f"--profiles_from: {path} holds no shipped profile (a cell from before profiles were stored)"
-                theirs = src.get("calibration") or {  # cells from before calibration was stored
-                    "nsamples": src.get("nsamples"), "seqlen": src.get("seqlen"),
-                    "seed": (src["profile"].get("meta") or {}).get("seed"),
-                    "split_c4": "--split_c4" in src.get("command", ""),
-                    "c4_val_docs": int((re.search(r"--c4_val_docs[ =](\d+)", src.get("command", "")) or [0, 380])[1])
-                    if "--split_c4" in src.get("command", "") else None}
+                theirs = stored_calibration(src)
                 ours = calibration_of(args, args.seqlen)
                 differ = [k for k in ours if theirs.get(k) != ours[k]]
                 if differ:
@@ -150,6 +152,18 @@ def check_profiles_from(args, tag: str) -> str | None:
                             + ", ".join(f"{k} {theirs.get(k)} here {ours[k]}" for k in differ)
                             + "): its model cannot be rebuilt")
     return None
+
+
+def stored_calibration(cell: dict) -> dict:
+    """A cell's :func:`calibration_of`; cells from before it was stored: from their count and command."""
+    if cell.get("calibration"):
+        return cell["calibration"]
+    command = cell.get("command", "")
+    split = "--split_c4" in command
+    docs = re.search(r"--c4_val_docs[ =](\d+)", command)
+    return {"nsamples": cell.get("nsamples"), "seqlen": cell.get("seqlen"),
+            "seed": (cell["profile"].get("meta") or {}).get("seed"), "split_c4": split,
+            "c4_val_docs": (int(docs[1]) if docs else C4_VAL_DOCS) if split else None}
 
 
 def calibration_of(args, seqlen: int | None) -> dict:
@@ -211,16 +225,13 @@ class Bench:
         t0 = time.perf_counter()
         res = fn()
         res.update({"cell": name, "seconds": time.perf_counter() - t0, "machine": machine(self.args.threads),
-                    "nsamples": self.args.nsamples, "seqlen": self.seqlen, "calibration": self.calibration()})
+                    "nsamples": self.args.nsamples, "seqlen": self.seqlen,
+                    "calibration": calibration_of(self.args, self.seqlen)})
         if not res.pop("skip_eval", False):
             res.update(self.evaluate())
             logger.info("cell %s: wikitext2 test %.3f, c4 val %.3f", name, res["wikitext2_test"], res["c4_val"])
         write_json(path, res)
         return res
-
-    def calibration(self) -> dict:
-        """What draws the calibration windows: a cell's model is rebuilt only under the same."""
-        return calibration_of(self.args, self.seqlen)
 
     def evaluate(self) -> dict:
         from lib.kvquant import simulate_kv_quant
@@ -278,7 +289,7 @@ class Bench:
         from lib.oneshot import prune_oneshot, shipped_oneshot
         from lib.profile import Profile
 
-        path = cell_path(self.args.profiles_from, self.tag, f"search-{method}-s{target:.2f}-{variant}")
+        path = cell_path(self.args.profiles_from, self.tag, search_cell(method, target, variant))
         src = json.load(open(path, encoding="utf-8"))  # checked by check_profiles_from before any work
         prof = Profile.from_dict(src["profile"])
         if shipped_oneshot(prof, method):
@@ -321,7 +332,7 @@ class Bench:
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=ids, seqlen=self.seqlen,
                        objective_nsamples=windows, model_name=self.tag, progress=False)
         # every trial beside the cell, for anyone who wants the search's history, not only its winner
-        trials_csv = cell_path(a.cells_dir, self.tag, f"search-{method}-s{target:.2f}-{variant}")[:-5] + ".trials.csv"
+        trials_csv = cell_path(a.cells_dir, self.tag, search_cell(method, target, variant))[:-5] + ".trials.csv"
         shutil.copyfile(r.files["trials"], trials_csv)
         complete = [t for t in r.trials if t["state"] == "COMPLETE"]
         secs = [t["trial_seconds"] for t in complete if t["trial_seconds"] and t["windows"]]
@@ -575,7 +586,7 @@ def main() -> int:
     p.add_argument("--data_dir", default=os.path.join(ROOT, "..", "shared", "testbed", "data"))
     p.add_argument("--cells_dir", default=os.path.join(ROOT, "scripts", "results", "search"))
     p.add_argument("--split_c4", action="store_true", help="hold out the last --c4_val_docs c4 documents")
-    p.add_argument("--c4_val_docs", type=int, default=380)
+    p.add_argument("--c4_val_docs", type=int, default=C4_VAL_DOCS)
     p.add_argument("--c4_windows", type=int, default=64, help="C4 validation windows scored (Wanda: 256)")
     p.add_argument("--test_windows", type=int, default=None,
                    help="score only the first N WikiText-2 test windows (default: all; the table says how many)")
@@ -646,7 +657,7 @@ def main() -> int:
             if "search" in args.cells:
                 for variant in args.variants:
                     for m in args.methods:
-                        bench.cell(f"search-{m}-s{t:.2f}-{variant}", lambda m=m, v=variant: bench.search(m, t, v))
+                        bench.cell(search_cell(m, t, variant), lambda m=m, v=variant: bench.search(m, t, v))
         if "rank" in args.cells:
             for t in args.targets:
                 for m in args.methods:
