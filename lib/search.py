@@ -328,7 +328,9 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         _ship(result, runner, space, best, complete)
     finally:
         objective.close()
-    result.profile = _profile_from_trial(best, num_layers, cfg, base_profile, model_name, name, url)
+    # the profile is the shipped model's: a re-prune of another of the best trials may have won
+    shipped = next(t for t in complete if t.number == result.shipped_trial)
+    result.profile = _profile_from_trial(shipped, num_layers, cfg, base_profile, model_name, name, url)
     rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
     result.trials = rows
     result.wasted_fraction = sum(1 for r in rows if r["state"] == "COMPLETE" and r["feasible"] is False) / len(complete)

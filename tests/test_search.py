@@ -317,6 +317,36 @@ def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, r
         assert torch.equal(mask, w == 0) or bool((w[mask] == 0).all())
 
 
+def test_a_winning_reprune_of_another_trial_ships_that_trials_profile(tiny_llama, data_dir, tmp_path, monkeypatch):
+    """With --reprune_top 2 the second-best trial's re-prune can win: the profile written is then that trial's
+    allocation (the model shipped), not the best trial's."""
+    from lib import search as search_mod
+
+    real_reprune, real_score = search_mod.TrialRunner.reprune, search_mod.TrialRunner.score
+    calls = {"reprune": 0, "force": False}
+
+    def reprune(self, prof):
+        calls["reprune"] += 1
+        calls["force"] = calls["reprune"] == 2  # the second candidate's re-prune "wins"
+        return real_reprune(self, prof)
+
+    def score(self, alloc, report=None, should_stop=None):
+        if calls.pop("force", False):
+            return 0.0
+        return real_score(self, alloc, report, should_stop)
+
+    monkeypatch.setattr(search_mod.TrialRunner, "reprune", reprune)
+    monkeypatch.setattr(search_mod.TrialRunner, "score", score)
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="layer", n_trials=6,
+                       reprune_top=2, sparsity_range=0.3)
+    assert r.shipped == "sequential" and r.shipped_value == 0.0 and r.shipped_trial != r.best_trial
+    row = next(t for t in r.trials if t["number"] == r.shipped_trial)
+    best = next(t for t in r.trials if t["number"] == r.best_trial)
+    assert row["layer_sparsity"] != best["layer_sparsity"]
+    assert r.profile.sparsity == row["layer_sparsity"]
+    assert r.profile.meta["shipped_trial"] == r.shipped_trial and r.profile.meta["best_trial"] == r.best_trial
+
+
 @pytest.mark.parametrize("method", ["wanda", "optspa"])
 def test_an_earlier_reprune_is_restored_from_its_masks(tiny_llama, data_dir, method):
     """Shipping a re-prune that was not the last one restores dense weights and its masks: Wanda-style pruning
