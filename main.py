@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lib.prune import METHODS
     from lib.samplers import PRUNERS, SAMPLERS
-    from lib.search_space import DEFAULT_GRANULARITY, DEFAULT_RANGE, GRANULARITIES
+    from lib.search_space import DEFAULT_GRANULARITY, GRANULARITIES
 
     p = _Parser(prog="main.py", description="Post-training pruning and KV-cache compression for LLaMA/LLaVA models.")
     p.add_argument("--model", required=True, help="hub id or local directory (LLaMA-family causal LM, LLaVA-1.5/1.6)")
@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--coarse_fraction", type=float, default=0.25,
                    help="trend_layer: share of the evaluations (of --n_trials without --search_budget) spent on "
                         "the trend before the per-layer refinement (default 0.25)")
-    s.add_argument("--sparsity_range", type=float, default=DEFAULT_RANGE,
-                   help=f"ratios searched within target +- this, clipped to [0, 0.99) (default {DEFAULT_RANGE})")
+    s.add_argument("--sparsity_range", type=float, default=None,
+                   help="ratios searched within target +- this, clipped to [0, 0.99) (default: 0.2 up to a 60%% "
+                        "target, 0.3 from 70%%, linear in between; chosen by the SmolLM2 ablation)")
     s.add_argument("--sparsity_step", type=float, default=0.025,
                    help="ratio step of the smallest unit; larger units step by the same number of weights, so "
                         "every move keeps the budget exact (default 0.025)")
@@ -643,7 +644,7 @@ def load(st: Run) -> None:
 
         linears = sum(m.weight.numel() for layer in models.decoder_layers(model)
                       for m in models.find_linears(layer).values())
-        buffers += band_bytes_estimate(linears, args.sparsity_range)  # beside the weights
+        buffers += band_bytes_estimate(linears, search_config(args, args.sparsity_ratio or 0.0).sparsity_range)
     try:
         st.offload = models.should_offload(model, st.device, args.offload, buffer_bytes=buffers)
     except models.DeviceMemoryError as exc:

@@ -240,8 +240,10 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         use_center(stored)
 
     refine_stage()  # a resumed study refines where it left off
-    logger.info("study '%s' (%s): %d of %d trials finished; %s sampler, %s pruner, objective %s on %d windows of %d",
-                name, url.split("@")[-1], done, cfg.n_trials, cfg.sampler, cfg.pruner, cfg.objective, nwin, seqlen)
+    logger.info("study '%s' (%s): %d of %d trials finished; %s sampler, %s pruner, objective %s on %d windows of %d%s",
+                name, url.split("@")[-1], done, cfg.n_trials, cfg.sampler, cfg.pruner, cfg.objective, nwin, seqlen,
+                f"; {cfg.granularity} units within {cfg.target:g} +- {cfg.sparsity_range:g}"
+                if cfg.searches_sparsity else "")
     runner = TrialRunner(model, cfg, space, calib, objective, device, offload, kv_kwargs, trial_kv)
     memory = runner.memory()
     logger.info("the search holds %.1f MiB besides the model: oneshot band %.2fx and host snapshot %.2fx the "

@@ -60,11 +60,17 @@ TRIAL_MODES = ("oneshot", "sequential")
 OBJECTIVES = ("ppl", "kl")
 SEARCH_METHODS = ("wanda", "optspa", "sparsegpt")
 # Chosen from the ablations in scripts/bench_search.py (README, "Search results").
-DEFAULT_RANGE = 0.2
 DEFAULT_GRANULARITY = "trend_layer"
 MAX_RATIO = 0.99
 
 Unit = tuple[int, str]  # (decoder layer, module name)
+
+
+def default_sparsity_range(target: float) -> float:
+    """The range searched around ``target`` when none is given: +-0.2 up to 60%, +-0.3 from 70%, in between
+    linearly. In the SmolLM2 ablation (README, "Range") +-0.2 won at 50% and 60% and +-0.3 at 70% with both
+    bases: the higher the target, the more some layers need to be kept denser than others."""
+    return round(min(0.3, max(0.2, target - 0.4)), 6)
 
 
 class SearchError(ValueError):
@@ -79,7 +85,7 @@ class SearchConfig:
     num_blocks: int = 8
     coarse_fraction: float = 0.25  # trend_layer: the share of the evaluations spent on the trend
     trend_types: bool = True  # trend: one offset per projection type besides the depth terms
-    sparsity_range: float = DEFAULT_RANGE
+    sparsity_range: float | None = None  # None: default_sparsity_range(target)
     sparsity_step: float = 0.025
     kv_bits_choices: tuple[int, ...] = (6, 8)
     kv_avg_bits: float | None = None  # None: the mean of the lowest and highest choice
@@ -100,6 +106,10 @@ class SearchConfig:
     blocksize: int = 128  # SparseGPT, for its sequential trials
     percdamp: float = 0.01
     heartbeat_seconds: int = 60
+
+    def __post_init__(self) -> None:
+        if self.sparsity_range is None:
+            self.sparsity_range = default_sparsity_range(self.target)
 
     @property
     def searches_sparsity(self) -> bool:

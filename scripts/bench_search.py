@@ -33,11 +33,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 logger = logging.getLogger("bench_search")
+# The ablations' base. "default" is the tool's own defaults: its range follows the target
+# (lib.search_space.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say.
 DEFAULT_VARIANT = {"range": 0.2, "granularity": "trend_layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
                    "trend_types": True}
+LAYER_SPACE_RANGE = 0.2  # the per-layer space of the rank, KV and joint cells, as they were measured
 VARIANTS = {  # the ablations that choose the defaults
-    "default": {},
-    "r0.05": {"range": 0.05}, "r0.1": {"range": 0.1}, "r0.3": {"range": 0.3},
+    "default": {"range": None},
+    "r0.05": {"range": 0.05}, "r0.1": {"range": 0.1}, "r0.2": {"range": 0.2}, "r0.3": {"range": 0.3},
     "block": {"granularity": "block"}, "block_module": {"granularity": "block_module"},
     "module": {"granularity": "module"}, "layer": {"granularity": "layer"},  # the default before trend_layer
     "trend": {"granularity": "trend"}, "trend_layer": {"granularity": "trend_layer"},  # depth + type offsets
@@ -59,7 +62,7 @@ def variant_settings(name: str) -> dict:
         raise argparse.ArgumentTypeError(f"unknown variant {unknown[0]!r} (choose from {', '.join(sorted(VARIANTS))}, "
                                          "joined by +)")
     out = dict(DEFAULT_VARIANT)
-    for p in parts:
+    for p in sorted(parts, key=lambda p: p != "default"):  # the tool's defaults first, what a variant says over them
         out.update(VARIANTS[p])
     return out
 
@@ -307,8 +310,8 @@ class Bench:
             if rebuilt != src["search"]["shipped_value"]:
                 logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
                                path, rebuilt, src["search"]["shipped_value"])
-        keep = ("allocation", "method", "target", "variant", "range", "granularity", "sampler", "objective",
-                "pruner", "trend_types", "search", "layer_sparsity", "profile", "command")
+        keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
+                "objective", "pruner", "trend_types", "search", "layer_sparsity", "profile", "command")
         return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
                 "source_wikitext2_test": src["wikitext2_test"], "source_test_windows": src["test_windows"]}
 
@@ -316,7 +319,11 @@ class Bench:
         from lib.search import run_search
         from lib.search_space import SearchConfig
 
+        from lib.search_space import default_sparsity_range
+
         v = variant_settings(variant)
+        if v["range"] is None:
+            v["range"] = default_sparsity_range(target)
         a = self.args
         budget = v.pop("budget", a.budget)
         windows = v.pop("objective_windows", a.objective_nsamples)
@@ -361,7 +368,7 @@ class Bench:
         from lib.search_space import SearchConfig, SearchSpace, module_shapes, profile_counts, realized_profile
 
         shapes = module_shapes(self.model)
-        space = SearchSpace(SearchConfig(target=target, granularity="layer", sparsity_range=DEFAULT_VARIANT["range"]),
+        space = SearchSpace(SearchConfig(target=target, granularity="layer", sparsity_range=LAYER_SPACE_RANGE),
                             shapes,
                             self.model.config.num_hidden_layers)
         rng = random.Random(self.args.seed)
@@ -435,7 +442,7 @@ class Bench:
 
         a = self.args
         kind = "kv" if target == 0 else "joint"
-        cfg = SearchConfig(target=target, kind=kind, granularity="layer", sparsity_range=DEFAULT_VARIANT["range"],
+        cfg = SearchConfig(target=target, kind=kind, granularity="layer", sparsity_range=LAYER_SPACE_RANGE,
                            kv_bits_choices=tuple(choices), kv_avg_bits=avg, kv_separate=True, n_trials=a.n_trials,
                            budget_evals=a.budget, seed=a.seed, method=method, reprune_top=a.reprune_top,
                            save_dir=os.path.join(self.work, f"{kind}-{method}-{target}-{avg}"))
@@ -520,7 +527,7 @@ def markdown(cells: dict, tag: str) -> str:
         lines.append("")
         lines.append(f"Oneshot vs sequential ranking ({c['method']}, {c['target']:.2f}): Spearman "
                      f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the per-layer space "
-                     f"(+-{DEFAULT_VARIANT['range']:g}), "
+                     f"(+-{LAYER_SPACE_RANGE:g}), "
                      "each scored on the search objective both ways"
                      + (f" (pruned with {c['calib_windows']} calibration windows)." if c.get("calib_windows") else "."))
     return "\n".join(lines)

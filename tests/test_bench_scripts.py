@@ -28,7 +28,9 @@ def test_search_variants_combine_and_unknown_names_are_refused():
     bench = load_script("bench_search")
     v = bench.variant_settings("evolution+b200")
     assert v["sampler"] == "evolution" and v["budget"] == 200 and v["range"] == bench.DEFAULT_VARIANT["range"]
-    assert bench.variant_settings("default") == bench.DEFAULT_VARIANT
+    # "default" is the tool's own range for the target (None: resolved per target), a variant's range wins
+    assert bench.variant_settings("default") == {**bench.DEFAULT_VARIANT, "range": None}
+    assert bench.variant_settings("default+r0.2")["range"] == bench.variant_settings("r0.2+default")["range"] == 0.2
     with pytest.raises(argparse.ArgumentTypeError, match="unknown variant 'fast'"):
         bench.variant_settings("r0.1+fast")
 

@@ -461,6 +461,16 @@ def test_a_sparsity_search_applies_fixed_kv_bits_during_its_trials(tiny_llama, d
     assert quant.shipped_value == quant.best_value
 
 
+def test_the_default_range_grows_with_the_target():
+    from lib.search_space import default_sparsity_range
+
+    assert [default_sparsity_range(t) for t in (0.3, 0.5, 0.6, 0.65, 0.7, 0.9)] == [0.2, 0.2, 0.2, 0.25, 0.3, 0.3]
+    assert SearchConfig(target=0.7).sparsity_range == 0.3 and SearchConfig(target=0.5).sparsity_range == 0.2
+    assert SearchConfig(target=0.7, sparsity_range=0.1).sparsity_range == 0.1  # an explicit range wins
+    assert SearchSpace(SearchConfig(target=0.7, granularity="layer"), _shapes(4), 4).fingerprint() != \
+        SearchSpace(SearchConfig(target=0.7, granularity="layer", sparsity_range=0.2), _shapes(4), 4).fingerprint()
+
+
 # ------------------------------------------------------------------------------------ command line
 def test_prune_method_optspa_means_search_then_prune(tiny_llama, data_dir, tmp_path, capsys):
     base = _args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.5", "--n_trials", "3")
@@ -469,6 +479,10 @@ def test_prune_method_optspa_means_search_then_prune(tiny_llama, data_dir, tmp_p
     assert "searching the sparsity allocation" in out and "trial 0:" in out
     res = json.load(open(tmp_path / "s" / "results_optspa.json"))
     assert res["search"]["shipped"] in ("oneshot", "sequential") and res["search"]["complete_trials"] >= 1
+    # no --sparsity_range: the target's default, said in the log and kept in the profile
+    assert "trend_layer units within 0.5 +- 0.2" in out
+    prof = json.load(open(tmp_path / "s" / "profile_optspa_unstructured_s0.50.json"))
+    assert prof["meta"]["sparsity_range"] == 0.2
     # The ablation: the uniform metric, no search.
     code, out, err = run_cli([*base, "--layer_allocation", "uniform", "--save", str(tmp_path / "u")], capsys)
     assert code == 0, err
