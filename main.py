@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fresh windows) for kl; never a test split")
     s.add_argument("--objective_nsamples", type=int, default=64,
                    help="seqlen windows of objective text per evaluation (64)")
+    s.add_argument("--objective_windows", default="first", choices=["first", "spread"],
+                   help="which validation windows the objective reads: the first --objective_nsamples (default) "
+                        "or as many evenly spaced over the whole split (more articles, same cost)")
     s.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by workers (postgresql://, mysql://, sqlite:///, or a journal "
                         "file: journal:PATH / *.log); default sqlite file search.db in --save")
@@ -358,6 +361,13 @@ def validate_search(args, pattern) -> None:
             raise UsageError("--objective_nsamples must be at least 1")
         if args.reprune_top < 0:
             raise UsageError("--reprune_top must be 0 or more")
+        from lib.mmdata import is_image_text
+
+        if args.objective_windows == "spread" and (
+                is_image_text(args.objective_dataset)
+                or (args.objective == "kl" and args.objective_dataset == args.calib_dataset)):
+            raise UsageError("--objective_windows spread picks windows of a validation split; this objective draws "
+                             "fresh calibration windows (drop it)")
         try:
             search_config(args, args.sparsity_ratio or 0.0).check()
         except SearchError as exc:
@@ -414,7 +424,18 @@ def objective_tokens(args, tokenizer, seqlen: int, processor=None):
         windows = data.get_calibration(args.objective_dataset, tokenizer, args.objective_nsamples, args.seed + 1,
                                        seqlen, args.data_dir)
         return torch.cat(windows, dim=1)
-    return data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
+    ids = data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
+    if args.objective_windows == "spread":
+        from lib.eval import spread_windows
+
+        return spread_windows(ids, seqlen, args.objective_nsamples)
+    return ids
+
+
+def objective_meta(args) -> dict:
+    """What a searched profile was scored on, kept in it (the study's fingerprint refuses anything else)."""
+    return {"objective_dataset": args.objective_dataset, "objective_nsamples": args.objective_nsamples,
+            "objective_windows": args.objective_windows}
 
 
 def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, processor=None, trial_kv=None):
@@ -440,6 +461,7 @@ def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, pr
                         seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
                         model_name=args.model, kv_kwargs=kv_kwargs(args), trial_kv=trial_kv)
     result.profile.sparsity_type = str(pattern)
+    result.profile.meta.update(objective_meta(args))
     return result.profile, calib, result
 
 
@@ -456,6 +478,7 @@ def search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload,
                         seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
                         model_name=args.model, base_profile=base, kv_kwargs=kv_kwargs(args))
     result.profile.method = args.prune_method
+    result.profile.meta.update(objective_meta(args))
     return result.profile, result
 
 

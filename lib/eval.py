@@ -30,6 +30,17 @@ def windows(input_ids: torch.Tensor, seqlen: int, batch_size: int) -> list[torch
     return [flat[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def spread_windows(input_ids: torch.Tensor, seqlen: int, n: int) -> torch.Tensor:
+    """``n`` of the ``N // seqlen`` windows of ``[1, N]`` ids, evenly spaced over the whole text (window
+    ``i * total // n``), as ``[1, n * seqlen]``; all of them when there are no more than ``n``. A search
+    objective of the first windows reads one or two articles; spread windows read as many as there are."""
+    total = input_ids.numel() // seqlen
+    flat = input_ids.reshape(-1)[: total * seqlen].reshape(total, seqlen)
+    if n >= total:
+        return flat.reshape(1, -1)
+    return flat[[i * total // n for i in range(n)]].reshape(1, -1)
+
+
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Wanda's per-batch term: mean loss over the shifted tokens times ``seqlen * batch``."""
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))

@@ -36,7 +36,7 @@ logger = logging.getLogger("bench_search")
 # The ablations' base. "default" is the tool's own defaults: its range follows the target
 # (lib.search_space.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say.
 DEFAULT_VARIANT = {"range": 0.2, "granularity": "trend_layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
-                   "trend_types": True}
+                   "trend_types": True, "objective_spread": False}
 LAYER_SPACE_RANGE = 0.2  # the per-layer space of the rank, KV and joint cells, as they were measured
 VARIANTS = {  # the ablations that choose the defaults
     "default": {"range": None},
@@ -50,7 +50,8 @@ VARIANTS = {  # the ablations that choose the defaults
     "kl": {"objective": "kl"}, "nopruner": {"pruner": "none"},
     "b200": {"budget": 200},  # the issue's full allowance of evaluations (--budget is the quick protocol's)
     "o16": {"objective_windows": 16},  # 2x the quick protocol's objective windows (less fitting to them)
-    "o32": {"objective_windows": 32},  # 4x the quick protocol's objective windows: b200's compute, less noise
+    "o32": {"objective_windows": 32},
+    "spread": {"objective_spread": True},  # the objective windows evenly spaced over the validation split  # 4x the quick protocol's objective windows: b200's compute, less noise
 }
 
 
@@ -305,13 +306,14 @@ class Bench:
         if src.get("objective") == "ppl":  # the rebuilt model must be the one the search shipped: score it again
             from lib.objective import Objective
 
-            rebuilt = Objective(self.model, self.val_ids, self.seqlen, src["search"]["objective_windows"], "cpu",
-                                False)()
+            n = src["search"]["objective_windows"]
+            rebuilt = Objective(self.model, self.objective_ids(n, src.get("objective_spread", False)), self.seqlen,
+                                n, "cpu", False)()
             if rebuilt != src["search"]["shipped_value"]:
                 logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
                                path, rebuilt, src["search"]["shipped_value"])
         keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
-                "objective", "pruner", "trend_types", "search", "layer_sparsity", "profile", "command")
+                "objective", "objective_spread", "pruner", "trend_types", "search", "layer_sparsity", "profile", "command")
         return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
                 "source_wikitext2_test": src["wikitext2_test"], "source_test_windows": src["test_windows"]}
 
@@ -336,7 +338,7 @@ class Bench:
                            objective=v["objective"], trend_types=v["trend_types"],
                            save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
                            trial_mode="sequential" if method == "sparsegpt" else "oneshot")
-        ids = self.kl_tokens(windows) if v["objective"] == "kl" else self.val_ids
+        ids = self.kl_tokens(windows) if v["objective"] == "kl" else self.objective_ids(windows, v["objective_spread"])
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=ids, seqlen=self.seqlen,
                        objective_nsamples=windows, model_name=self.tag, progress=False)
         # every trial beside the cell, for anyone who wants the search's history, not only its winner
@@ -356,6 +358,13 @@ class Bench:
                "command": " ".join(["python", *sys.argv]), "trials_csv": os.path.basename(trials_csv)}
         return out
 
+
+    def objective_ids(self, n: int, spread: bool):
+        """The search objective's validation tokens: the first ``n`` windows (main.py's default), or ``n`` spread
+        over the split (``--objective_windows spread``)."""
+        from lib.eval import spread_windows
+
+        return spread_windows(self.val_ids, self.seqlen, n) if spread else self.val_ids
 
     def rank_agreement(self, method: str, target: float, n: int) -> dict:
         """Oneshot vs sequential ranking: ``n`` random feasible allocations of the default space, each scored
@@ -511,8 +520,9 @@ def markdown(cells: dict, tag: str) -> str:
         s = c.get("search")
         if c["allocation"] == "search":
             unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
+            spread = " spread" if c.get("objective_spread") else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {c['sampler']}, "
-                    f"{c['objective']} on {s['objective_windows']} windows, shipped {s['shipped']})")
+                    f"{c['objective']} on {s['objective_windows']}{spread} windows, shipped {s['shipped']})")
             if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
                 name += f", profile searched in `{os.path.basename(os.path.dirname(os.path.dirname(c['profile_from'])))}`"
         gap = gap_closed(cells, c) if c["allocation"] in ("uniform", "owl", "search") else None

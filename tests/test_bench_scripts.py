@@ -68,7 +68,8 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
     common = [sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
               "--nsamples", "4", "--objective_nsamples", "2", "--n_trials", "6", "--budget", "3", "--threads", "1",
-              "--c4_windows", "2", "--test_windows", "3", "--targets", "0.5", "--methods", "wanda", "--cells", "search"]
+              "--c4_windows", "2", "--test_windows", "3", "--targets", "0.5", "--methods", "wanda", "--cells", "search",
+              "--variants", "default", "default+spread"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
     run = subprocess.run([*common, "--cells_dir", first], capture_output=True, text=True, env=env)
@@ -98,3 +99,8 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     assert out["rebuilt_value"] == src["search"]["shipped_value"]
     assert out["wikitext2_test"] == src["wikitext2_test"] and out["profile"] == src["profile"]
     assert out["profile_from"].endswith(name) and out["search"] == src["search"]
+    # spread objective windows: the rebuild scores the same spread windows (other ones would not match)
+    spread_src = json.load(open(os.path.join(first, tag, "search-wanda-s0.50-default+spread.json"), encoding="utf-8"))
+    spread = json.load(open(os.path.join(second, tag, "search-wanda-s0.50-default+spread.json"), encoding="utf-8"))
+    assert spread_src["objective_spread"] is True and spread["objective_spread"] is True
+    assert spread["rebuilt_value"] == spread_src["search"]["shipped_value"] != src["search"]["shipped_value"]

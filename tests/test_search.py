@@ -461,6 +461,41 @@ def test_a_sparsity_search_applies_fixed_kv_bits_during_its_trials(tiny_llama, d
     assert quant.shipped_value == quant.best_value
 
 
+def test_spread_windows_are_evenly_spaced_whole_windows():
+    from lib.eval import spread_windows
+
+    ids = torch.arange(10 * 4 + 3).reshape(1, -1)  # 10 windows of 4, a tail of 3
+    got = spread_windows(ids, 4, 3).reshape(3, 4)
+    assert [int(w[0]) // 4 for w in got] == [0, 3, 6]  # windows 0, 10//3, 20//3
+    assert all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 4)) for w in got)
+    assert torch.equal(spread_windows(ids, 4, 99), ids[:, :40])  # no more windows than the text holds
+
+
+def test_a_search_reads_spread_validation_windows(tiny_llama, data_dir, tmp_path, capsys):
+    """--objective_windows spread: the study's trial 0 (uniform) scores the spread windows' perplexity, which
+    is not the first windows' one."""
+    from lib.eval import spread_windows
+
+    vals = {}
+    for how in ("first", "spread"):
+        code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+                                       "--search", "sparsity", "--n_trials", "1", "--reprune_top", "0",
+                                       "--objective_nsamples", "2", "--objective_windows", how,
+                                       "--save", str(tmp_path / how), "--save_model", str(tmp_path / f"m-{how}")),
+                                 capsys)
+        assert code == 0, err
+        vals[how] = json.load(open(tmp_path / how / "results_wanda.json"))["search"]["shipped_value"]
+        prof = json.load(open(tmp_path / how / "profile_wanda_unstructured_s0.50.json"))
+        assert prof["meta"]["objective_windows"] == how and prof["meta"]["objective_nsamples"] == 2
+    from lib.objective import Objective
+
+    lm = load_model(str(tmp_path / "m-spread"), dtype="float32")
+    ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    assert ids.numel() // 32 > 2  # room to spread
+    assert Objective(lm.model, spread_windows(ids, 32, 2), 32, 2, "cpu", False)() == vals["spread"]
+    assert vals["spread"] != vals["first"]
+
+
 def test_the_default_range_grows_with_the_target():
     from lib.search_space import default_sparsity_range
 
@@ -610,6 +645,8 @@ BAD = {
                         "search_budget"),
     "range below step": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--sparsity_range", "0.01"],
                          "sparsity_range"),
+    "spread kl windows": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--objective", "kl",
+                           "--objective_windows", "spread"], "objective_windows"),
     "trend with level switches": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
                                    "trend", "--sampler", "evolution"], "evolution"),
     "trend_layer with cmaes": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
