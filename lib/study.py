@@ -106,8 +106,12 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
     where = url.split("@")[-1]
     have = study.user_attrs.get("space")
     if have is not None and have != space_fingerprint:
+        theirs = study.user_attrs.get("sparsity_range")
+        hint = (f" (it searched +-{theirs:g}, this run +-{cfg.sparsity_range:g}: the default range grows with the "
+                f"target; pass --sparsity_range {theirs:g} to resume it)"
+                if cfg.searches_sparsity and theirs is not None and theirs != cfg.sparsity_range else "")
         raise SearchError(f"study '{name}' in {where} was created with other search settings or another model's "
-                          "module shapes; pass another --study_name")
+                          f"module shapes{hint}; pass another --study_name")
     have_scoring = study.user_attrs.get("scoring")
     if have_scoring is not None and have_scoring != scoring:
         raise SearchError(f"study '{name}' in {where} was scored on other data (objective windows, calibration, "
@@ -122,4 +126,6 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
         study.set_user_attr("model", model_name)
         study.set_user_attr("search", cfg.kind)
         study.set_user_attr("method", cfg.method)
+        if cfg.searches_sparsity:
+            study.set_user_attr("sparsity_range", cfg.sparsity_range)
     return study

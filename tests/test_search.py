@@ -262,6 +262,9 @@ def test_same_seed_same_trials_and_resume_does_not_redo(tiny_llama, data_dir, tm
     # Other search settings under the same study name are refused, not mixed in.
     with pytest.raises(SearchError, match="other search settings"):
         _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, sparsity_step=0.05, study_name=a.study_name)
+    # another range (a study made before the default range followed the target): the message says how to resume
+    with pytest.raises(SearchError, match=r"it searched \+-0.2, this run \+-0.3.*--sparsity_range 0.2"):
+        _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, sparsity_range=0.3, study_name=a.study_name)
     # So are trials scored on other objective windows (their values would not be comparable).
     with pytest.raises(SearchError, match="scored on other data"):
         _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, n_trials=7, objective_nsamples=1)
