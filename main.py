@@ -363,9 +363,8 @@ def validate_search(args, pattern) -> None:
             raise UsageError("--reprune_top must be 0 or more")
         from lib.mmdata import is_image_text
 
-        if args.objective_windows == "spread" and (
-                is_image_text(args.objective_dataset)
-                or (args.objective == "kl" and args.objective_dataset == args.calib_dataset)):
+        if args.objective_windows == "spread" and (is_image_text(args.objective_dataset)
+                                                   or objective_draws_calibration(args)):
             raise UsageError("--objective_windows spread picks windows of a validation split; this objective draws "
                              "fresh calibration windows (drop it)")
         try:
@@ -420,7 +419,7 @@ def objective_tokens(args, tokenizer, seqlen: int, processor=None):
                     stats.tokens, stats.image_tokens)
         return windows
 
-    if args.objective == "kl" and args.objective_dataset == args.calib_dataset:
+    if objective_draws_calibration(args):
         windows = data.get_calibration(args.objective_dataset, tokenizer, args.objective_nsamples, args.seed + 1,
                                        seqlen, args.data_dir)
         return torch.cat(windows, dim=1)
@@ -430,6 +429,11 @@ def objective_tokens(args, tokenizer, seqlen: int, processor=None):
 
         return spread_windows(ids, seqlen, args.objective_nsamples)
     return ids
+
+
+def objective_draws_calibration(args) -> bool:
+    """KL on the calibration dataset: fresh calibration windows (another seed), not a validation split."""
+    return args.objective == "kl" and args.objective_dataset == args.calib_dataset
 
 
 def objective_meta(args) -> dict:

@@ -321,11 +321,7 @@ class Bench:
         from lib.search import run_search
         from lib.search_space import SearchConfig
 
-        from lib.search_space import default_sparsity_range
-
         v = variant_settings(variant)
-        if v["range"] is None:
-            v["range"] = default_sparsity_range(target)
         a = self.args
         budget = v.pop("budget", a.budget)
         windows = v.pop("objective_windows", a.objective_nsamples)
@@ -338,6 +334,7 @@ class Bench:
                            objective=v["objective"], trend_types=v["trend_types"],
                            save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
                            trial_mode="sequential" if method == "sparsegpt" else "oneshot")
+        v["range"] = cfg.sparsity_range  # "default" leaves it to the tool (it follows the target): record what ran
         ids = self.kl_tokens(windows) if v["objective"] == "kl" else self.objective_ids(windows, v["objective_spread"])
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=ids, seqlen=self.seqlen,
                        objective_nsamples=windows, model_name=self.tag, progress=False)
@@ -357,7 +354,6 @@ class Bench:
                "profile": r.profile.to_dict(),  # the shipped allocation in full: --publish ships it
                "command": " ".join(["python", *sys.argv]), "trials_csv": os.path.basename(trials_csv)}
         return out
-
 
     def objective_ids(self, n: int, spread: bool):
         """The search objective's validation tokens: the first ``n`` windows (main.py's default), or ``n`` spread
