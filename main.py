@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reprune_top", type=int, default=1,
                    help="after the search, re-prune the best K profiles sequentially, score them on the same "
                         "objective and ship one only if it beats the best trial (default 1; 0 = off)")
+    s.add_argument("--select_top", type=int, default=0,
+                   help="after the search, score the K best trials again on --select_nsamples windows and ship the "
+                        "best of them there (EvoPress's last selection step; default 0 = off)")
+    s.add_argument("--select_nsamples", type=int, default=None,
+                   help="windows of the selection (default 4x --objective_nsamples), read as the objective reads")
     s.add_argument("--objective", default="ppl", choices=["ppl", "kl"],
                    help="trial score: validation perplexity (default, the paper's), or KL divergence to the dense "
                         "model's next-token distribution on calibration text (streamed window by window)")
@@ -327,7 +332,7 @@ def search_config(args, target: float):
         n_trials=args.n_trials, budget_evals=args.search_budget,
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
         method=args.prune_method, sampler=args.sampler, pruner=args.pruner, reprune_top=args.reprune_top,
-        objective=args.objective, storage=args.storage, study_name=args.study_name, save_dir=args.save,
+        select_top=args.select_top, select_nsamples=args.select_nsamples, objective=args.objective, storage=args.storage, study_name=args.study_name, save_dir=args.save,
         batch_size=args.eval_batch_size, blocksize=args.blocksize, percdamp=args.percdamp)
 
 
@@ -359,8 +364,6 @@ def validate_search(args, pattern) -> None:
             raise UsageError("--search needs --save (trials, profile, plot and the default study database go there)")
         if args.objective_nsamples < 1:
             raise UsageError("--objective_nsamples must be at least 1")
-        if args.reprune_top < 0:
-            raise UsageError("--reprune_top must be 0 or more")
         from lib.mmdata import is_image_text
 
         if args.objective_windows == "spread" and (is_image_text(args.objective_dataset)
@@ -401,17 +404,20 @@ def load_calibration(args, tokenizer, seqlen: int, processor=None):
     return calib
 
 
-def objective_tokens(args, tokenizer, seqlen: int, processor=None):
+def objective_tokens(args, tokenizer, seqlen: int, processor=None, nsamples: int | None = None):
     """The search objective's text as ``[1, N]`` ids: a validation split for ppl; for kl, fresh windows of the
     calibration dataset (another seed than the calibration draw). Never a test split. An image-text dataset
-    gives image-text windows (another seed than the calibration draw), scored on image-conditioned loss."""
+    gives image-text windows (another seed than the calibration draw), scored on image-conditioned loss.
+    ``nsamples``: windows to provide (default --objective_nsamples; the selection asks for more)."""
     import torch
 
     from lib import data, mmdata
 
+    nsamples = nsamples or args.objective_nsamples
+
     if mmdata.is_image_text(args.objective_dataset):
         image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-        windows = mmdata.get_image_text_calibration(args.objective_dataset, processor, args.objective_nsamples,
+        windows = mmdata.get_image_text_calibration(args.objective_dataset, processor, nsamples,
                                                     args.seed + 1, seqlen, image_id, args.data_dir, args.image_dir,
                                                     args.cache_dir)
         stats = mmdata.window_stats(windows, image_id)
@@ -420,14 +426,14 @@ def objective_tokens(args, tokenizer, seqlen: int, processor=None):
         return windows
 
     if objective_draws_calibration(args):
-        windows = data.get_calibration(args.objective_dataset, tokenizer, args.objective_nsamples, args.seed + 1,
+        windows = data.get_calibration(args.objective_dataset, tokenizer, nsamples, args.seed + 1,
                                        seqlen, args.data_dir)
         return torch.cat(windows, dim=1)
     ids = data.get_eval_tokens(args.objective_dataset, tokenizer, args.data_dir, "validation", seqlen)
     if args.objective_windows == "spread":
         from lib.eval import spread_windows
 
-        return spread_windows(ids, seqlen, args.objective_nsamples)
+        return spread_windows(ids, seqlen, nsamples)
     return ids
 
 
@@ -439,7 +445,14 @@ def objective_draws_calibration(args) -> bool:
 def objective_meta(args) -> dict:
     """What a searched profile was scored on, kept in it (the study's fingerprint refuses anything else)."""
     return {"objective_dataset": args.objective_dataset, "objective_nsamples": args.objective_nsamples,
-            "objective_windows": args.objective_windows}
+            "objective_windows": args.objective_windows, "select_top": args.select_top}
+
+
+def selection_tokens(args, tokenizer, seqlen: int, processor=None):
+    """The selection's windows (--select_top), drawn as the objective's are; None without a selection."""
+    if args.select_top <= 0:
+        return None
+    return objective_tokens(args, tokenizer, seqlen, processor, args.select_nsamples or 4 * args.objective_nsamples)
 
 
 def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, processor=None, trial_kv=None):
@@ -463,7 +476,8 @@ def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, pr
         cfg.num_blocks = min(cfg.num_blocks, num_layers)
     result = run_search(model, cfg, calib=calib, objective_ids=objective_tokens(args, tokenizer, seqlen, processor),
                         seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
-                        model_name=args.model, kv_kwargs=kv_kwargs(args), trial_kv=trial_kv)
+                        model_name=args.model, kv_kwargs=kv_kwargs(args), trial_kv=trial_kv,
+                        selection_ids=selection_tokens(args, tokenizer, seqlen, processor))
     result.profile.sparsity_type = str(pattern)
     result.profile.meta.update(objective_meta(args))
     return result.profile, calib, result
@@ -480,7 +494,8 @@ def search_kv(args, model, tokenizer, profile, pattern, seqlen, device, offload,
     cfg = search_config(args, args.sparsity_ratio or 0.0)
     result = run_search(model, cfg, calib=None, objective_ids=objective_tokens(args, tokenizer, seqlen, processor),
                         seqlen=seqlen, objective_nsamples=args.objective_nsamples, device=device, offload=offload,
-                        model_name=args.model, base_profile=base, kv_kwargs=kv_kwargs(args))
+                        model_name=args.model, base_profile=base, kv_kwargs=kv_kwargs(args),
+                        selection_ids=selection_tokens(args, tokenizer, seqlen, processor))
     result.profile.method = args.prune_method
     result.profile.meta.update(objective_meta(args))
     return result.profile, result

@@ -12,6 +12,11 @@ SparseGPT always uses), and the objective is measured again on it: the value equ
 objective; one is shipped only when it beats the best trial. The result records every value and which
 model was shipped.
 
+Selection on more windows (``select_top K``, EvoPress's last selection step): the K best distinct trials are
+scored again, as their trials pruned them, on ``select_nsamples`` windows, and the best of them on those
+windows is the one shipped (and re-pruned); the shipped value is then measured on the selection's windows and
+equals that candidate's selection value. A few windows rank the best trials by noise as much as by quality.
+
 Cost is counted in full-evaluation equivalents: a trial that the pruner stopped after ``w`` of ``n`` windows
 costs ``w / n``; a trial that repeats an evaluated point reuses its value and costs nothing.
 """
@@ -57,6 +62,9 @@ class SearchResult:
     shipped_value: float | None = None  # the objective measured on the shipped model
     shipped_trial: int | None = None  # the trial whose allocation ships
     reprune_values: dict[int, float] = field(default_factory=dict)  # trial number -> sequential re-prune value
+    selection_values: dict[int, float] = field(default_factory=dict)  # trial number -> value on the selection
+    selection_windows: int | None = None  # windows of the selection objective (None: no selection)
+    selection_evals: float = 0.0  # the selection's cost, in full evaluations of the trials' objective
     memory: dict[str, float] = field(default_factory=dict)
     prune: PruneResult | None = None  # masks and timings of the shipped pruning
     files: dict[str, str] = field(default_factory=dict)
@@ -66,6 +74,8 @@ class SearchResult:
         return {"best_value": self.best_value, "best_trial": self.best_trial, "shipped": self.shipped,
                 "shipped_value": self.shipped_value, "shipped_trial": self.shipped_trial,
                 "reprune_values": {str(k): v for k, v in self.reprune_values.items()},
+                "selection_values": {str(k): v for k, v in self.selection_values.items()},
+                "selection_windows": self.selection_windows, "selection_evals": self.selection_evals,
                 "seconds": self.seconds, "wasted_fraction": self.wasted_fraction, "cost_evals": self.cost_evals,
                 "complete_trials": states.count("COMPLETE"), "pruned_trials": states.count("PRUNED"),
                 "memory": self.memory}
@@ -150,11 +160,11 @@ class TrialRunner:
         self.snapshot.restore()
         apply_masks(self.model, {n: unpack(m, res.shapes[n]) for n, m in res.masks.items()}, list(res.masks))
 
-    def score(self, alloc: Allocation, report=None, should_stop=None) -> float:
+    def score(self, alloc: Allocation, report=None, should_stop=None, objective: Objective | None = None) -> float:
         from .kvquant import simulate_kv_quant
 
         with simulate_kv_quant(self.model, self.kv_config(alloc)):
-            return self.objective(report, should_stop)
+            return (objective or self.objective)(report, should_stop)
 
 
 def _allocation_of(space: SearchSpace, t) -> Allocation:
@@ -169,10 +179,11 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                objective_ids: torch.Tensor, seqlen: int, objective_nsamples: int = 64,
                device: str | torch.device = "cpu", offload: bool = False, model_name: str = "",
                base_profile: Profile | None = None, kv_kwargs: dict[str, Any] | None = None, trial_kv=None,
-               progress: bool = True) -> SearchResult:
+               selection_ids: torch.Tensor | list | None = None, progress: bool = True) -> SearchResult:
     """Run (or resume) the study and ship its best allocation: after a sparsity search the model is pruned
     as shipped (``result.prune`` holds the masks); a KV-only search leaves the weights as they came.
-    Completed trials are never redone: the study counts them in its storage."""
+    Completed trials are never redone: the study counts them in its storage. ``selection_ids``: the text of
+    the selection on more windows (``cfg.select_top``), when ``objective_ids`` does not hold enough windows."""
     import optuna
 
     cfg.check()
@@ -188,6 +199,11 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     objective = Objective(model, objective_ids, seqlen, objective_nsamples, device, offload, cfg.objective,
                           cfg.batch_size, workdir=cfg.save_dir)
     nwin = objective.nwin
+    selector = None
+    if cfg.select_top > 0:  # built now, while the model is dense (kl keeps the dense distribution)
+        selector = Objective(model, objective_ids if selection_ids is None else selection_ids, seqlen,
+                             cfg.select_nsamples or 4 * objective_nsamples, device, offload, cfg.objective,
+                             cfg.batch_size, workdir=cfg.save_dir)
     bounds = space.search_bounds()  # what level switches may move; updated in place when trend_layer refines
 
     def repair_key(params: dict[str, Any]) -> str:
@@ -321,15 +337,19 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     complete = list(trials((optuna.trial.TrialState.COMPLETE,)))
     if not complete:
         objective.close()
+        if selector is not None:
+            selector.close()
         raise SearchError(f"study '{name}' has no completed trial")
     best = min(complete, key=lambda t: (t.value, t.number))
     result = SearchResult(profile=Profile(num_layers=num_layers), study_name=name, storage=url,
                           best_value=best.value, best_trial=best.number, trials=[], seconds=0.0,
                           wasted_fraction=0.0, cost_evals=cost(), memory=memory)
     try:
-        _ship(result, runner, space, best, complete)
+        _ship(result, runner, space, complete, selector, nwin, progress)
     finally:
         objective.close()
+        if selector is not None:
+            selector.close()
     # the profile is the shipped model's: a re-prune of another of the best trials may have won
     shipped = next(t for t in complete if t.number == result.shipped_trial)
     result.profile = _profile_from_trial(shipped, num_layers, cfg, base_profile, model_name, name, url)
@@ -341,7 +361,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         "best_trial": best.number, "best_value": best.value, "shipped": result.shipped,
         "shipped_trial": result.shipped_trial,
         "shipped_value": result.shipped_value, "reprune_values": result.summary()["reprune_values"],
-        "n_trials": len(rows), "complete_trials": len(complete), "cost_evals": result.cost_evals,
+        "selection_values": result.summary()["selection_values"], "selection_windows": result.selection_windows,
+        "selection_evals": result.selection_evals, "n_trials": len(rows), "complete_trials": len(complete), "cost_evals": result.cost_evals,
         "wasted_fraction": result.wasted_fraction,
         "mean_trial_seconds": sum(per_trial) / len(per_trial) if per_trial else None})
     result.seconds = time.perf_counter() - start
@@ -351,45 +372,68 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         write_trials_csv(result.files["trials"], rows)
         result.files["plot"] = f"{cfg.save_dir}/profile_{cfg.kind}_s{cfg.target:.2f}.png"
         plot_profile(result.files["plot"], result.profile, f"{name}: best {cfg.objective} {best.value:.4g}")
-    logger.info("search done: best trial %d, %s %.4f; shipped %s model scores %.4f; %d trials (%d complete), "
-                "%.1f full evaluations, %.1f s", best.number, cfg.objective, best.value, result.shipped or "-",
-                result.shipped_value if result.shipped_value is not None else float("nan"), len(rows),
-                len(complete), result.cost_evals, result.seconds)
+    logger.info("search done: best trial %d, %s %.4f; shipped trial %d, %s model scores %.4f%s; %d trials "
+                "(%d complete), %.1f full evaluations (+%.1f selecting), %.1f s", best.number, cfg.objective,
+                best.value, result.shipped_trial, result.shipped or "-",
+                result.shipped_value if result.shipped_value is not None else float("nan"),
+                f" on {result.selection_windows} selection windows" if result.selection_windows else "", len(rows),
+                len(complete), result.cost_evals, result.selection_evals, result.seconds)
     return result
 
 
-def _ship(result: SearchResult, runner: TrialRunner, space: SearchSpace, best, complete: list) -> None:
+def _distinct(trials: list) -> list:
+    """Completed trials best first, one per evaluated point (duplicates reuse a value, they add nothing)."""
+    seen, out = set(), []
+    for t in sorted(trials, key=lambda t: (t.value, t.number)):
+        if t.user_attrs.get("key") not in seen:
+            seen.add(t.user_attrs.get("key"))
+            out.append(t)
+    return out
+
+
+def _ship(result: SearchResult, runner: TrialRunner, space: SearchSpace, complete: list,
+          selector: Objective | None, nwin: int, progress: bool) -> None:
     """Prune the best allocation exactly as its trial was, measure the objective on that model, and try the
-    sequential re-prunes (kept only when they win)."""
+    sequential re-prunes (kept only when they win). With a selector, "best" is the best of the top trials on
+    the selection's windows, and every value compared from there on is measured on those windows."""
     cfg = runner.cfg
+    ranked = _distinct(complete)
+    judge = runner.objective
+    if selector is not None:
+        for t in tqdm(ranked[: cfg.select_top], desc="select", disable=not progress):
+            cand = _allocation_of(space, t)
+            runner.apply(cand)
+            result.selection_values[t.number] = runner.score(cand, objective=selector)
+            logger.info("selection: trial %d scores %s %.4f on %d windows (its trial %.4f on %d)", t.number,
+                        cfg.objective, result.selection_values[t.number], selector.nwin, t.value, nwin)
+        ranked = sorted(ranked[: cfg.select_top], key=lambda t: (result.selection_values[t.number], t.number))
+        result.selection_windows = selector.nwin
+        result.selection_evals = len(result.selection_values) * selector.nwin / nwin
+        judge = selector
+    best = ranked[0]
     alloc = _allocation_of(space, best)
     prof, seq = runner.apply(alloc)
-    result.shipped_value, result.shipped_trial = runner.score(alloc), best.number
-    if result.shipped_value != best.value:
-        logger.warning("the shipped model scores %.6f, the best trial %.6f: the study's trials were scored "
-                       "elsewhere (another machine or library version)", result.shipped_value, best.value)
+    result.shipped_value, result.shipped_trial = runner.score(alloc, objective=judge), best.number
+    scored = result.selection_values.get(best.number, best.value)
+    if result.shipped_value != scored:
+        logger.warning("the shipped model scores %.6f, its trial %.6f: the study's trials were scored "
+                       "elsewhere (another machine or library version)", result.shipped_value, scored)
     if not cfg.searches_sparsity:
         return
     result.shipped = cfg.trial_mode
     result.prune = runner.oneshot.masks() if runner.oneshot is not None else seq
     if runner.oneshot is None or cfg.reprune_top <= 0:
         return
-    seen, candidates = set(), []
-    for t in sorted(complete, key=lambda t: (t.value, t.number)):
-        if t.user_attrs.get("key") not in seen:
-            seen.add(t.user_attrs.get("key"))
-            candidates.append(t)
-        if len(candidates) == cfg.reprune_top:
-            break
+    candidates = ranked[: cfg.reprune_top]
     winner = None
     for t in candidates:
         cand = _allocation_of(space, t)
         cand_prof = realized_profile(runner.model, cand.unit_ratio, cfg.target)
         res = runner.reprune(cand_prof)
-        value = runner.score(cand)
+        value = runner.score(cand, objective=judge)
         result.reprune_values[t.number] = value
-        logger.info("sequential re-prune of trial %d: %s %.4f (its oneshot trial %.4f)", t.number, cfg.objective,
-                    value, t.value)
+        logger.info("sequential re-prune of trial %d: %s %.4f (its oneshot model %.4f)", t.number, cfg.objective,
+                    value, result.selection_values.get(t.number, t.value))
         if value < result.shipped_value:
             winner, result.shipped_value, result.prune = t, value, res
             result.shipped = "sequential"

@@ -98,6 +98,8 @@ class SearchConfig:
     sampler: str = "tpe"
     pruner: str = "median"
     reprune_top: int = 1
+    select_top: int = 0  # after the search: the K best trials scored again on more windows, the best of them ships
+    select_nsamples: int | None = None  # the selection's windows; None: 4x the objective's
     objective: str = "ppl"
     storage: str | None = None  # None: sqlite file in save_dir
     study_name: str | None = None
@@ -144,6 +146,10 @@ class SearchConfig:
             raise SearchError("--n_trials must be at least 1")
         if self.budget_evals is not None and self.budget_evals <= 0:
             raise SearchError("--search_budget must be positive")
+        if self.reprune_top < 0 or self.select_top < 0:
+            raise SearchError("--reprune_top and --select_top must be 0 or more")
+        if self.select_nsamples is not None and self.select_nsamples < 1:
+            raise SearchError("--select_nsamples must be at least 1")
         if self.searches_sparsity:
             if self.method not in SEARCH_METHODS:
                 raise SearchError(f"a sparsity search needs a calibrated method ({', '.join(SEARCH_METHODS)})")

@@ -51,7 +51,8 @@ VARIANTS = {  # the ablations that choose the defaults
     "b200": {"budget": 200},  # the issue's full allowance of evaluations (--budget is the quick protocol's)
     "o16": {"objective_windows": 16},  # 2x the quick protocol's objective windows (less fitting to them)
     "o32": {"objective_windows": 32},
-    "spread": {"objective_spread": True},  # the objective windows evenly spaced over the validation split  # 4x the quick protocol's objective windows: b200's compute, less noise
+    "spread": {"objective_spread": True},  # the objective windows evenly spaced over the validation split
+    "sel": {"select_top": 4},  # the 4 best trials scored again on 4x the objective's windows; the best there ships
 }
 
 
@@ -306,7 +307,7 @@ class Bench:
         if src.get("objective") == "ppl":  # the rebuilt model must be the one the search shipped: score it again
             from lib.objective import Objective
 
-            n = src["search"]["objective_windows"]
+            n = src["search"].get("selection_windows") or src["search"]["objective_windows"]  # what shipped_value read
             rebuilt = Objective(self.model, self.objective_ids(n, src.get("objective_spread", False)), self.seqlen,
                                 n, "cpu", False)()
             if rebuilt != src["search"]["shipped_value"]:
@@ -325,19 +326,23 @@ class Bench:
         a = self.args
         budget = v.pop("budget", a.budget)
         windows = v.pop("objective_windows", a.objective_nsamples)
+        select_top = v.pop("select_top", 0)
         n_trials = max(a.n_trials, 2 * budget)  # stopped trials cost a fraction: room for the whole budget
         num_layers = self.model.config.num_hidden_layers
         cfg = SearchConfig(target=target, kind="sparsity", granularity=v["granularity"],
                            num_blocks=min(8, max(1, num_layers // 2)), sparsity_range=v["range"],
                            n_trials=n_trials, budget_evals=budget, seed=a.seed, method=method,
                            sampler=v["sampler"], pruner=v["pruner"], reprune_top=a.reprune_top,
-                           objective=v["objective"], trend_types=v["trend_types"],
+                           select_top=select_top, objective=v["objective"], trend_types=v["trend_types"],
                            save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
                            trial_mode="sequential" if method == "sparsegpt" else "oneshot")
         v["range"] = cfg.sparsity_range  # "default" leaves it to the tool (it follows the target): record what ran
-        ids = self.kl_tokens(windows) if v["objective"] == "kl" else self.objective_ids(windows, v["objective_spread"])
-        r = run_search(self.model, cfg, calib=self.calib, objective_ids=ids, seqlen=self.seqlen,
-                       objective_nsamples=windows, model_name=self.tag, progress=False)
+        def tokens(n: int):
+            return self.kl_tokens(n) if v["objective"] == "kl" else self.objective_ids(n, v["objective_spread"])
+
+        r = run_search(self.model, cfg, calib=self.calib, objective_ids=tokens(windows), seqlen=self.seqlen,
+                       objective_nsamples=windows, model_name=self.tag, progress=False,
+                       selection_ids=tokens(4 * windows) if select_top else None)
         # every trial beside the cell, for anyone who wants the search's history, not only its winner
         trials_csv = cell_path(a.cells_dir, self.tag, search_cell(method, target, variant))[:-5] + ".trials.csv"
         shutil.copyfile(r.files["trials"], trials_csv)
@@ -346,6 +351,7 @@ class Bench:
         evals = [t["eval_seconds"] for t in complete if t["eval_seconds"] and t["windows"]]
         uniform_val = next((t["value"] for t in r.trials if t["number"] == 0), None)
         out = {"allocation": "search", "method": method, "target": target, "variant": variant, **v,
+               "select_top": select_top,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,
@@ -518,11 +524,15 @@ def markdown(cells: dict, tag: str) -> str:
             unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
             spread = " spread" if c.get("objective_spread") else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {c['sampler']}, "
-                    f"{c['objective']} on {s['objective_windows']}{spread} windows, shipped {s['shipped']})")
+                    f"{c['objective']} on {s['objective_windows']}{spread} windows"
+                    + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
+                    + f", shipped {s['shipped']})")
             if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
                 name += f", profile searched in `{os.path.basename(os.path.dirname(os.path.dirname(c['profile_from'])))}`"
         gap = gap_closed(cells, c) if c["allocation"] in ("uniform", "owl", "search") else None
         cost = f"{s['cost_evals']:.1f} ({s['complete_trials']}/{s['pruned_trials']})" if s else ""
+        if s and s.get("selection_evals"):
+            cost += f" + {s['selection_evals']:.0f} selecting"
         per_eval = f"{s['s_per_eval']:.1f}" if s and s.get("s_per_eval") else ""
         mem = (f"{s['memory']['band_ratio']:.2f}x band + {s['memory']['total_ratio'] - s['memory']['band_ratio']:.2f}x "
                "host copy") if s else ""

@@ -320,6 +320,33 @@ def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, r
         assert torch.equal(mask, w == 0) or bool((w[mask] == 0).all())
 
 
+@pytest.mark.parametrize("reprune", [0, 1])
+def test_selection_on_more_windows_ships_the_best_of_the_top_trials_there(tiny_llama, data_dir, tmp_path, reprune):
+    """--select_top K: the K best trials are scored again on more windows; the shipped model is the best of them
+    on those windows, and its value there is measured on the model left behind (equality, not closeness)."""
+    from lib.objective import Objective
+
+    r, lm = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="layer", n_trials=6,
+                        reprune_top=reprune, sparsity_range=0.3, select_top=3, select_nsamples=4)
+    assert r.selection_windows == 4 and len(r.selection_values) == 3 and r.selection_evals == 3 * 4 / 2
+    ranked = sorted((t for t in r.trials if t["state"] == "COMPLETE" and t["duplicate_of"] is None),
+                    key=lambda t: (t["value"], t["number"]))
+    assert sorted(r.selection_values) == sorted(t["number"] for t in ranked[:3])  # the top 3 distinct points
+    chosen = min(r.selection_values, key=lambda n: (r.selection_values[n], n))
+    ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    measured = Objective(lm.model, ids, 32, 4, "cpu", False)()
+    assert measured == r.shipped_value
+    if reprune == 0 or r.shipped == "oneshot":
+        assert r.shipped_trial == chosen and r.shipped_value == r.selection_values[chosen]
+    else:  # the re-prune of the selected trial won on the selection's windows
+        assert r.shipped_trial == chosen and r.shipped_value == r.reprune_values[chosen] < r.selection_values[chosen]
+    if reprune:
+        assert list(r.reprune_values) == [chosen]
+    assert r.profile.meta["selection_values"] == {str(k): v for k, v in r.selection_values.items()}
+    row = next(t for t in r.trials if t["number"] == r.shipped_trial)
+    assert r.profile.sparsity == row["layer_sparsity"]
+
+
 def test_a_winning_reprune_of_another_trial_ships_that_trials_profile(tiny_llama, data_dir, tmp_path, monkeypatch):
     """With --reprune_top 2 the second-best trial's re-prune can win: the profile written is then that trial's
     allocation (the model shipped), not the best trial's."""
@@ -545,20 +572,23 @@ def test_search_sparsity_works_with_every_calibrated_method(tiny_llama, data_dir
     assert prof["method"] == method
 
 
-def test_cli_saved_model_scores_the_best_trials_value(tiny_llama, data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("select", [[], ["--select_top", "2", "--select_nsamples", "3"]])
+def test_cli_saved_model_scores_the_best_trials_value(tiny_llama, data_dir, tmp_path, capsys, select):
     """End to end: the model written by --save_model, reloaded from disk, scores on the search objective
-    exactly the value the results file says was shipped."""
+    exactly the value the results file says was shipped (on the selection's windows with --select_top)."""
     from lib.objective import Objective
 
     code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.6",
                                    "--n_trials", "4", "--reprune_top", "1", "--save", str(tmp_path / "s"),
-                                   "--save_model", str(tmp_path / "m")), capsys)
+                                   "--save_model", str(tmp_path / "m"), *select), capsys)
     assert code == 0, err
     res = json.load(open(tmp_path / "s" / "results_optspa.json"))["search"]
     lm = load_model(str(tmp_path / "m"), dtype="float32")
     ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
-    assert Objective(lm.model, ids, 32, 2, "cpu", False)() == res["shipped_value"]
-    assert res["shipped_value"] <= res["best_value"]
+    windows = 3 if select else 2
+    assert res["selection_windows"] == (3 if select else None)
+    assert Objective(lm.model, ids, 32, windows, "cpu", False)() == res["shipped_value"]
+    assert res["shipped_value"] <= (min(res["selection_values"].values()) if select else res["best_value"])
     # The profile reloads and prunes the same model again (oneshot or sequential, as it was shipped).
     prof = tmp_path / "s" / "profile_optspa_unstructured_s0.60.json"
     code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_profile", str(prof),
@@ -646,6 +676,10 @@ BAD = {
     "zero trials": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--n_trials", "0"], "n_trials"),
     "negative budget": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_budget", "-1"],
                         "search_budget"),
+    "negative select_top": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--select_top", "-1"],
+                            "select_top"),
+    "zero selection windows": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--select_top", "2",
+                                "--select_nsamples", "0"], "select_nsamples"),
     "range below step": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--sparsity_range", "0.01"],
                          "sparsity_range"),
     "spread kl windows": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--objective", "kl",
