@@ -103,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="tpe", choices=list(SAMPLERS),
                    help="Optuna sampler: tpe (default, as the paper), gp, cmaes, evolution (EvoPress-style level "
                         "switches), random")
-    s.add_argument("--pruner", default="median", choices=list(PRUNERS),
-                   help="Optuna pruner that stops hopeless trials from their running objective (default median)")
+    s.add_argument("--pruner", default="auto", choices=["auto", *PRUNERS],
+                   help="Optuna pruner that stops hopeless trials from their running objective: median, halving, "
+                        "none; auto (default): median, none with gp and cmaes (they learn from complete trials "
+                        "only)")
     s.add_argument("--search_seed", type=int, default=None,
                    help="sampler seed (default --seed); every trial draws from (seed, trial number), so workers "
                         "sharing a study never repeat each other's points")

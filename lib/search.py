@@ -187,6 +187,9 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     import optuna
 
     cfg.check()
+    if cfg.sampler in ("gp", "cmaes") and cfg.pruner != "none":
+        logger.warning("--sampler %s learns from complete trials only: the trials the %s pruner stops teach it "
+                       "nothing (--pruner auto searches without one)", cfg.sampler, cfg.pruner)
     start = time.perf_counter()
     num_layers = len(decoder_layers(model))
     shapes = module_shapes(model)

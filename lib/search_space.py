@@ -77,6 +77,13 @@ class SearchError(ValueError):
     """A search setting that cannot work (bad space, study mismatch); one line for the user."""
 
 
+def default_pruner(sampler: str) -> str:
+    """Optuna's GP and CMA-ES samplers model complete trials only: a stopped trial teaches them nothing, so they
+    propose the same region again (at 70% on SmolLM2, GP with the median pruner had 83 of 100 trials stopped after
+    one window). They search without a pruner; the others stop hopeless trials with the median rule."""
+    return "none" if sampler in ("gp", "cmaes") else "median"
+
+
 @dataclass
 class SearchConfig:
     target: float
@@ -96,7 +103,7 @@ class SearchConfig:
     trial_mode: str = "oneshot"
     method: str = "optspa"
     sampler: str = "tpe"
-    pruner: str = "median"
+    pruner: str = "auto"  # auto: median, or none for samplers that learn from complete trials only (gp, cmaes)
     reprune_top: int = 1
     select_top: int = 0  # after the search: the K best trials scored again on more windows, the best of them ships
     select_nsamples: int | None = None  # the selection's windows; None: 4x the objective's
@@ -112,6 +119,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.sparsity_range is None:
             self.sparsity_range = default_sparsity_range(self.target)
+        if self.pruner == "auto":
+            self.pruner = default_pruner(self.sampler)
 
     @property
     def searches_sparsity(self) -> bool:

@@ -53,6 +53,8 @@ VARIANTS = {  # the ablations that choose the defaults
     "o32": {"objective_windows": 32},
     "spread": {"objective_spread": True},  # the objective windows evenly spaced over the validation split
     "sel": {"select_top": 4},  # the 4 best trials scored again on 4x the objective's windows; the best there ships
+    "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
+    "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
 }
 
 
@@ -327,16 +329,19 @@ class Bench:
         budget = v.pop("budget", a.budget)
         windows = v.pop("objective_windows", a.objective_nsamples)
         select_top = v.pop("select_top", 0)
+        reprune_top = v.pop("reprune_top", a.reprune_top)
+        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction",) if k in v}  # else SearchConfig's own
         n_trials = max(a.n_trials, 2 * budget)  # stopped trials cost a fraction: room for the whole budget
         num_layers = self.model.config.num_hidden_layers
         cfg = SearchConfig(target=target, kind="sparsity", granularity=v["granularity"],
                            num_blocks=min(8, max(1, num_layers // 2)), sparsity_range=v["range"],
                            n_trials=n_trials, budget_evals=budget, seed=a.seed, method=method,
-                           sampler=v["sampler"], pruner=v["pruner"], reprune_top=a.reprune_top,
+                           sampler=v["sampler"], pruner=v["pruner"], reprune_top=reprune_top,
                            select_top=select_top, objective=v["objective"], trend_types=v["trend_types"],
                            save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
-                           trial_mode="sequential" if method == "sparsegpt" else "oneshot")
+                           trial_mode="sequential" if method == "sparsegpt" else "oneshot", **tool_defaults)
         v["range"] = cfg.sparsity_range  # "default" leaves it to the tool (it follows the target): record what ran
+
         def tokens(n: int):
             return self.kl_tokens(n) if v["objective"] == "kl" else self.objective_ids(n, v["objective_spread"])
 
@@ -351,7 +356,7 @@ class Bench:
         evals = [t["eval_seconds"] for t in complete if t["eval_seconds"] and t["windows"]]
         uniform_val = next((t["value"] for t in r.trials if t["number"] == 0), None)
         out = {"allocation": "search", "method": method, "target": target, "variant": variant, **v,
-               "select_top": select_top,
+               "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,

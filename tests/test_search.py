@@ -396,6 +396,14 @@ def test_an_earlier_reprune_is_restored_from_its_masks(tiny_llama, data_dir, met
     assert all(torch.equal(p, shipped[n]) for n, p in lm.model.named_parameters())
 
 
+@pytest.mark.parametrize("sampler,want", [("tpe", "median"), ("random", "median"), ("evolution", "median"),
+                                           ("gp", "none"), ("cmaes", "none")])
+def test_auto_pruner_spares_samplers_that_learn_from_complete_trials_only(sampler, want):
+    """GP and CMA-ES model complete trials only: with a pruner they would propose what it just stopped."""
+    assert SearchConfig(target=0.5, sampler=sampler).pruner == want
+    assert SearchConfig(target=0.5, sampler=sampler, pruner="halving").pruner == "halving"  # asked for: kept
+
+
 def test_pruner_stops_trials_which_are_recorded_never_chosen_and_cost_counts_windows(tiny_llama, data_dir, tmp_path):
     r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="module", n_trials=16,
                        pruner="median", objective_nsamples=8, sparsity_range=0.3, seed=1)
