@@ -470,6 +470,7 @@ def _profile_from_trial(t, num_layers: int, cfg: SearchConfig, base: Profile | N
                       "objective_value": t.value, "search": cfg.kind, "granularity": cfg.granularity,
                       "num_blocks": cfg.num_blocks, "trial_mode": cfg.trial_mode, "seed": cfg.seed,
                       "sampler": cfg.sampler, "pruner": cfg.pruner, "sparsity_range": cfg.sparsity_range,
+                      "coarse_fraction": cfg.coarse_fraction if cfg.granularity == "trend_layer" else None,
                       "kv_avg_bits": (sum(prof.key_bits + prof.value_bits) / (2 * num_layers))
                       if prof.key_bits else None})
     return prof

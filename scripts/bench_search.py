@@ -579,6 +579,9 @@ def write_profiles(cells: dict, tag: str, profiles_dir: str, variants: list[str]
 
 def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
     """One row per shipped profile, with the measured numbers of the benchmark cell that wrote it."""
+    from lib.search_space import SearchConfig
+
+    default_coarse = SearchConfig.coarse_fraction
     lines = ["| file | model | method | target | unit, range | shipped | WikiText-2 test | uniform (same method) | "
              "gap closed |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(glob.glob(os.path.join(profiles_dir, "*.json"))):
@@ -589,9 +592,11 @@ def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
         cell = cells.get(meta.get("bench_cell", ""), {})
         uni = cells.get(f"uniform-{prof.get('method')}-s{prof.get('target_sparsity', 0):.2f}", {})
         gap = gap_closed(cells, cell) if cell else None
+        coarse = meta.get("coarse_fraction") or cell.get("coarse_fraction")
+        unit = meta.get("granularity") + (f" (trend for {coarse:g})" if coarse not in (None, default_coarse) else "")
         lines.append(
             f"| `{os.path.basename(path)}` | {tag} | {prof.get('method')} | {prof.get('target_sparsity'):.2f} | "
-            f"{meta.get('granularity')}, +-{meta.get('sparsity_range')} | {meta.get('shipped')} | "
+            f"{unit}, +-{meta.get('sparsity_range')} | {meta.get('shipped')} | "
             f"{cell.get('wikitext2_test', float('nan')):.2f} | {uni.get('wikitext2_test', float('nan')):.2f} | "
             f"{'' if gap is None else f'{gap:.3f}'} |")
     return "\n".join(lines)
