@@ -360,10 +360,10 @@ def test_a_winning_reprune_of_another_trial_ships_that_trials_profile(tiny_llama
         calls["force"] = calls["reprune"] == 2  # the second candidate's re-prune "wins"
         return real_reprune(self, prof)
 
-    def score(self, alloc, report=None, should_stop=None):
+    def score(self, alloc, report=None, should_stop=None, objective=None):
         if calls.pop("force", False):
             return 0.0
-        return real_score(self, alloc, report, should_stop)
+        return real_score(self, alloc, report, should_stop, objective)
 
     monkeypatch.setattr(search_mod.TrialRunner, "reprune", reprune)
     monkeypatch.setattr(search_mod.TrialRunner, "score", score)
