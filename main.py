@@ -334,7 +334,8 @@ def search_config(args, target: float):
         n_trials=args.n_trials, budget_evals=args.search_budget,
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
         method=args.prune_method, sampler=args.sampler, pruner=args.pruner, reprune_top=args.reprune_top,
-        select_top=args.select_top, select_nsamples=args.select_nsamples, objective=args.objective, storage=args.storage, study_name=args.study_name, save_dir=args.save,
+        select_top=args.select_top, select_nsamples=args.select_nsamples, objective=args.objective,
+        storage=args.storage, study_name=args.study_name, save_dir=args.save,
         batch_size=args.eval_batch_size, blocksize=args.blocksize, percdamp=args.percdamp)
 
 

@@ -365,7 +365,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         "shipped_trial": result.shipped_trial,
         "shipped_value": result.shipped_value, "reprune_values": result.summary()["reprune_values"],
         "selection_values": result.summary()["selection_values"], "selection_windows": result.selection_windows,
-        "selection_evals": result.selection_evals, "n_trials": len(rows), "complete_trials": len(complete), "cost_evals": result.cost_evals,
+        "selection_evals": result.selection_evals, "n_trials": len(rows), "complete_trials": len(complete),
+        "cost_evals": result.cost_evals,
         "wasted_fraction": result.wasted_fraction,
         "mean_trial_seconds": sum(per_trial) / len(per_trial) if per_trial else None})
     result.seconds = time.perf_counter() - start
