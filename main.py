@@ -452,10 +452,17 @@ def objective_meta(args) -> dict:
 
 
 def selection_tokens(args, tokenizer, seqlen: int, processor=None):
-    """The selection's windows (--select_top), drawn as the objective's are; None without a selection."""
-    if args.select_top <= 0:
+    """The selection's windows (--select_top), drawn as the objective's are; None without a selection, or when
+    the objective's text already holds them (the first windows of a validation split: the search reuses it)."""
+    from lib.mmdata import is_image_text
+    from lib.search_space import selection_nsamples
+
+    reads_first = not (is_image_text(args.objective_dataset) or objective_draws_calibration(args)
+                       or args.objective_windows == "spread")
+    if args.select_top <= 0 or reads_first:
         return None
-    return objective_tokens(args, tokenizer, seqlen, processor, args.select_nsamples or 4 * args.objective_nsamples)
+    return objective_tokens(args, tokenizer, seqlen, processor,
+                            selection_nsamples(args.select_nsamples, args.objective_nsamples))
 
 
 def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, processor=None, trial_kv=None):

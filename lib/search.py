@@ -40,7 +40,7 @@ from .prune import PruneResult, check_sparsity, prune_optspa, prune_sparsegpt, p
 from .samplers import make_pruner, make_sampler
 from .search_report import plot_profile, trial_row, write_trials_csv
 from .search_space import (Allocation, SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts,
-                           realized_profile)
+                           realized_profile, selection_nsamples)
 from .sparsity import SparsityType
 from .study import default_study_name, open_study, scoring_fingerprint, storage_url
 
@@ -205,8 +205,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     selector = None
     if cfg.select_top > 0:  # built now, while the model is dense (kl keeps the dense distribution)
         selector = Objective(model, objective_ids if selection_ids is None else selection_ids, seqlen,
-                             cfg.select_nsamples or 4 * objective_nsamples, device, offload, cfg.objective,
-                             cfg.batch_size, workdir=cfg.save_dir)
+                             selection_nsamples(cfg.select_nsamples, objective_nsamples), device, offload,
+                             cfg.objective, cfg.batch_size, workdir=cfg.save_dir)
     bounds = space.search_bounds()  # what level switches may move; updated in place when trend_layer refines
 
     def repair_key(params: dict[str, Any]) -> str:

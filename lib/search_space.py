@@ -84,6 +84,11 @@ def default_pruner(sampler: str) -> str:
     return "none" if sampler in ("gp", "cmaes") else "median"
 
 
+def selection_nsamples(select_nsamples: int | None, objective_nsamples: int) -> int:
+    """Windows of the selection on more windows: as asked, or 4x the objective's."""
+    return select_nsamples or 4 * objective_nsamples
+
+
 @dataclass
 class SearchConfig:
     target: float

@@ -322,7 +322,7 @@ class Bench:
 
     def run_search(self, method: str, target: float, variant: str) -> dict:
         from lib.search import run_search
-        from lib.search_space import SearchConfig
+        from lib.search_space import SearchConfig, selection_nsamples
 
         v = variant_settings(variant)
         a = self.args
@@ -347,7 +347,7 @@ class Bench:
 
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=tokens(windows), seqlen=self.seqlen,
                        objective_nsamples=windows, model_name=self.tag, progress=False,
-                       selection_ids=tokens(4 * windows) if select_top else None)
+                       selection_ids=tokens(selection_nsamples(None, windows)) if select_top else None)
         # every trial beside the cell, for anyone who wants the search's history, not only its winner
         trials_csv = cell_path(a.cells_dir, self.tag, search_cell(method, target, variant))[:-5] + ".trials.csv"
         shutil.copyfile(r.files["trials"], trials_csv)
