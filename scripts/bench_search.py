@@ -36,7 +36,7 @@ logger = logging.getLogger("bench_search")
 # The ablations' base. "default" is the tool's own defaults: its range follows the target
 # (lib.search_space.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say.
 DEFAULT_VARIANT = {"range": 0.2, "granularity": "trend_layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
-                   "trend_types": True, "objective_spread": False}
+                   "trend_types": True, "objective_spread": False, "objective_text": None}
 LAYER_SPACE_RANGE = 0.2  # the per-layer space of the rank, KV and joint cells, as they were measured
 VARIANTS = {  # the ablations that choose the defaults
     "default": {"range": None},
@@ -47,13 +47,15 @@ VARIANTS = {  # the ablations that choose the defaults
     "trend_depth": {"granularity": "trend", "trend_types": False},  # depth terms only
     "trend_depth_layer": {"granularity": "trend_layer", "trend_types": False},
     "gp": {"sampler": "gp"}, "cmaes": {"sampler": "cmaes"}, "evolution": {"sampler": "evolution"},
-    "kl": {"objective": "kl"}, "nopruner": {"pruner": "none"},
+    "kl": {"objective": "kl"}, "nopruner": {"pruner": "none"},  # kl: on fresh c4 windows (main.py's default)
+    "klw": {"objective": "kl", "objective_text": "wikitext2"},  # kl on the ppl objective's validation windows
     "b200": {"budget": 200},  # the issue's full allowance of evaluations (--budget is the quick protocol's)
     "o16": {"objective_windows": 16},  # 2x the quick protocol's objective windows (less fitting to them)
     "o32": {"objective_windows": 32},
     "spread": {"objective_spread": True},  # the objective windows evenly spaced over the validation split
     "sel": {"select_top": 4},  # the 4 best trials scored again on 4x the objective's windows; the best there ships
     "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
+    "c0.75": {"coarse_fraction": 0.75},
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
 }
 
@@ -294,29 +296,31 @@ class Bench:
         """A search cell measured in ``--profiles_from``: its shipped profile pruned again as it shipped (oneshot
         or sequential, on the same calibration windows), no search. How a cheap protocol's searches are scored
         on a costlier one (the full test set) without searching again."""
+        from lib.objective import Objective
         from lib.oneshot import prune_oneshot, shipped_oneshot
         from lib.profile import Profile
 
         path = cell_path(self.args.profiles_from, self.tag, search_cell(method, target, variant))
         src = json.load(open(path, encoding="utf-8"))  # checked by check_profiles_from before any work
         prof = Profile.from_dict(src["profile"])
+        # the rebuilt model must be the one the search shipped: scored again on the search objective (a kl judge
+        # stores the dense model's distribution, so it is built before pruning)
+        n = src["search"].get("selection_windows") or src["search"]["objective_windows"]  # what shipped_value read
+        judge = Objective(self.model, self.search_tokens(src, n), self.seqlen, n, "cpu", False,
+                          kind=src.get("objective", "ppl"), workdir=self.work)
         if shipped_oneshot(prof, method):
             res = prune_oneshot(self.model, self.calib, prof, method, "cpu")
             timing = {"calib_seconds": res.calib_seconds, "prune_seconds": res.prune_seconds}
         else:
             timing = self.prune(method, prof)
-        rebuilt = None
-        if src.get("objective") == "ppl":  # the rebuilt model must be the one the search shipped: score it again
-            from lib.objective import Objective
-
-            n = src["search"].get("selection_windows") or src["search"]["objective_windows"]  # what shipped_value read
-            rebuilt = Objective(self.model, self.objective_ids(n, src.get("objective_spread", False)), self.seqlen,
-                                n, "cpu", False)()
-            if rebuilt != src["search"]["shipped_value"]:
-                logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
-                               path, rebuilt, src["search"]["shipped_value"])
+        rebuilt = judge()
+        judge.close()
+        if rebuilt != src["search"]["shipped_value"]:
+            logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
+                           path, rebuilt, src["search"]["shipped_value"])
         keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
-                "objective", "objective_spread", "pruner", "trend_types", "search", "layer_sparsity", "profile", "command")
+                "objective", "objective_spread", "objective_text", "pruner", "trend_types", "search", "layer_sparsity",
+                "profile", "command")
         return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
                 "source_wikitext2_test": src["wikitext2_test"], "source_test_windows": src["test_windows"]}
 
@@ -343,7 +347,7 @@ class Bench:
         v["range"] = cfg.sparsity_range  # "default" leaves it to the tool (it follows the target): record what ran
 
         def tokens(n: int):
-            return self.kl_tokens(n) if v["objective"] == "kl" else self.objective_ids(n, v["objective_spread"])
+            return self.search_tokens(v, n)
 
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=tokens(windows), seqlen=self.seqlen,
                        objective_nsamples=windows, model_name=self.tag, progress=False,
@@ -365,6 +369,12 @@ class Bench:
                "profile": r.profile.to_dict(),  # the shipped allocation in full: --publish ships it
                "command": " ".join(["python", *sys.argv]), "trials_csv": os.path.basename(trials_csv)}
         return out
+
+    def search_tokens(self, v: dict, n: int):
+        """A variant's objective text: fresh c4 windows for kl (main.py's default), else the validation windows."""
+        if v["objective"] == "kl" and v.get("objective_text") != "wikitext2":
+            return self.kl_tokens(n)
+        return self.objective_ids(n, v.get("objective_spread", False))
 
     def objective_ids(self, n: int, spread: bool):
         """The search objective's validation tokens: the first ``n`` windows (main.py's default), or ``n`` spread
@@ -528,6 +538,7 @@ def markdown(cells: dict, tag: str) -> str:
         if c["allocation"] == "search":
             unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
             spread = " spread" if c.get("objective_spread") else ""
+            spread += " WikiText-2 val" if c["objective"] == "kl" and c.get("objective_text") == "wikitext2" else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {c['sampler']}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")

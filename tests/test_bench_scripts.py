@@ -69,7 +69,7 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     common = [sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
               "--nsamples", "4", "--objective_nsamples", "2", "--n_trials", "6", "--budget", "3", "--threads", "1",
               "--c4_windows", "2", "--test_windows", "3", "--targets", "0.5", "--methods", "wanda", "--cells", "search",
-              "--variants", "default", "default+spread"]
+              "--variants", "default", "default+spread", "default+klw"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
     run = subprocess.run([*common, "--cells_dir", first], capture_output=True, text=True, env=env)
@@ -104,3 +104,8 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     spread = json.load(open(os.path.join(second, tag, "search-wanda-s0.50-default+spread.json"), encoding="utf-8"))
     assert spread_src["objective_spread"] is True and spread["objective_spread"] is True
     assert spread["rebuilt_value"] == spread_src["search"]["shipped_value"] != src["search"]["shipped_value"]
+    # a kl objective on the validation windows: the rebuild stores the dense distribution before it prunes
+    kl_src = json.load(open(os.path.join(first, tag, "search-wanda-s0.50-default+klw.json"), encoding="utf-8"))
+    kl = json.load(open(os.path.join(second, tag, "search-wanda-s0.50-default+klw.json"), encoding="utf-8"))
+    assert kl_src["objective"] == "kl" and kl_src["objective_text"] == "wikitext2"
+    assert kl["rebuilt_value"] == kl_src["search"]["shipped_value"] and kl["rebuilt_value"] > 0
