@@ -57,6 +57,9 @@ VARIANTS = {  # the ablations that choose the defaults
     "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
     "c0.75": {"coarse_fraction": 0.75},
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
+    # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
+    # same search lands from itself, the noise every single-cell comparison sits in
+    "seed1": {"sampler_seed": 1}, "seed2": {"sampler_seed": 2},
 }
 
 
@@ -334,12 +337,13 @@ class Bench:
         windows = v.pop("objective_windows", a.objective_nsamples)
         select_top = v.pop("select_top", 0)
         reprune_top = v.pop("reprune_top", a.reprune_top)
+        sampler_seed = v.pop("sampler_seed", a.seed)
         tool_defaults = {k: v.pop(k) for k in ("coarse_fraction",) if k in v}  # else SearchConfig's own
         n_trials = max(a.n_trials, 2 * budget)  # stopped trials cost a fraction: room for the whole budget
         num_layers = self.model.config.num_hidden_layers
         cfg = SearchConfig(target=target, kind="sparsity", granularity=v["granularity"],
                            num_blocks=min(8, max(1, num_layers // 2)), sparsity_range=v["range"],
-                           n_trials=n_trials, budget_evals=budget, seed=a.seed, method=method,
+                           n_trials=n_trials, budget_evals=budget, seed=sampler_seed, method=method,
                            sampler=v["sampler"], pruner=v["pruner"], reprune_top=reprune_top,
                            select_top=select_top, objective=v["objective"], trend_types=v["trend_types"],
                            save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
@@ -361,6 +365,7 @@ class Bench:
         uniform_val = next((t["value"] for t in r.trials if t["number"] == 0), None)
         out = {"allocation": "search", "method": method, "target": target, "variant": variant, **v,
                "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
+               "sampler_seed": sampler_seed,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,
@@ -542,6 +547,7 @@ def markdown(cells: dict, tag: str) -> str:
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {c['sampler']}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
+                    + (f", sampler seed {c['sampler_seed']}" if c.get("sampler_seed") else "")
                     + f", shipped {s['shipped']})")
             if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
                 name += f", profile searched in `{os.path.basename(os.path.dirname(os.path.dirname(c['profile_from'])))}`"
