@@ -606,6 +606,28 @@ def test_cli_saved_model_scores_the_best_trials_value(tiny_llama, data_dir, tmp_
     assert all(torch.equal(p, q) for p, q in zip(lm.model.parameters(), again.model.parameters()))
 
 
+def test_cli_kl_on_validation_windows_ships_the_scored_model(tiny_llama, data_dir, tmp_path, capsys):
+    """--objective kl --objective_dataset wikitext2: KL to the dense model on the validation windows (the
+    ppl objective's text); the saved model's KL to the dense one on those windows is the shipped value."""
+    from lib.objective import Objective
+
+    code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "wanda", "--sparsity_ratio", "0.6",
+                                   "--search", "sparsity", "--objective", "kl", "--objective_dataset", "wikitext2",
+                                   "--n_trials", "4", "--save", str(tmp_path / "s"),
+                                   "--save_model", str(tmp_path / "m")), capsys)
+    assert code == 0, err
+    res = json.load(open(tmp_path / "s" / "results_wanda.json"))["search"]
+    prof = json.load(open(tmp_path / "s" / "profile_wanda_unstructured_s0.60.json"))
+    assert prof["meta"]["objective"] == "kl" and prof["meta"]["objective_dataset"] == "wikitext2"
+    dense = load_model(tiny_llama, dtype="float32")
+    ids = data.get_eval_tokens("wikitext2", dense.tokenizer, data_dir, "validation", 32)
+    judge = Objective(dense.model, ids, 32, 2, "cpu", False, kind="kl", workdir=str(tmp_path))
+    pruned = load_model(str(tmp_path / "m"), dtype="float32")
+    dense.model.load_state_dict(pruned.model.state_dict())
+    assert judge() == res["shipped_value"] > 0
+    judge.close()
+
+
 def test_cli_joint_search_writes_outputs_resumes_and_profile_reloads(tiny_llama, data_dir, tmp_path, capsys):
     save = tmp_path / "s"
     argv = _args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "joint",
