@@ -32,8 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lib.prune import METHODS
-    from lib.samplers import PRUNERS, SAMPLERS
-    from lib.search_space import DEFAULT_GRANULARITY, GRANULARITIES
+    from lib.samplers import COARSE_SAMPLERS, PRUNERS, SAMPLERS
+    from lib.search_space import DEFAULT_GRANULARITY, GRANULARITIES, SearchConfig
 
     p = _Parser(prog="main.py", description="Post-training pruning and KV-cache compression for LLaMA/LLaVA models.")
     p.add_argument("--model", required=True, help="hub id or local directory (LLaMA-family causal LM, LLaVA-1.5/1.6)")
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--coarse_fraction", type=float, default=0.25,
                    help="trend_layer: share of the evaluations (of --n_trials without --search_budget) spent on "
                         "the trend before the per-layer refinement (default 0.25)")
+    s.add_argument("--coarse_sampler", default=SearchConfig.coarse_sampler, choices=list(COARSE_SAMPLERS),
+                   help="trend_layer: the Optuna sampler of the trend stage; the per-layer stage uses --sampler. "
+                        "cmaes: a local search from the uniform allocation (default "
+                        f"{SearchConfig.coarse_sampler})")
     s.add_argument("--sparsity_range", type=float, default=None,
                    help="ratios searched within target +- this, clipped to [0, 0.99) (default: 0.2 up to a 60%% "
                         "target, 0.3 from 70%%, linear in between; chosen by the SmolLM2 ablation)")
@@ -328,7 +332,8 @@ def search_config(args, target: float):
 
     return SearchConfig(
         target=target, kind=args.search, granularity=args.search_granularity, num_blocks=args.num_blocks or 8,
-        coarse_fraction=args.coarse_fraction, trend_types=not args.no_trend_types,
+        coarse_fraction=args.coarse_fraction, coarse_sampler=args.coarse_sampler,
+        trend_types=not args.no_trend_types,
         sparsity_range=args.sparsity_range, sparsity_step=args.sparsity_step,
         kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, kv_separate=args.kv_separate,
         n_trials=args.n_trials, budget_evals=args.search_budget,

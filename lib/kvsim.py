@@ -2,6 +2,8 @@
 quantize-dequantized K/V (works with ``use_cache=False``, LLaVA and layer-by-layer runners)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import weakref
 from collections.abc import Callable, Iterator
@@ -49,15 +51,30 @@ def _wraps_plain_dynamic(cache: object, layer_idx: int) -> bool:
     return layer_idx >= len(cache.layers) or type(cache.layers[layer_idx]) is DynamicLayer
 
 
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(attention: nn.Module) -> str:
+    """The keyword an attention module's forward takes its cache by: ``cache`` from transformers 5.24 (which
+    still maps the old name onto it, but drops it when the layer passes ``cache=None`` as well), else
+    ``past_key_values``."""
+    return _cache_kwarg_of(type(attention))
+
+
 def _make_sim_hook(layer_idx: int, key_bits: int, value_bits: int, config: KVQuantConfig, warned: set) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict):
-        cache = kwargs.get("past_key_values")
+        name = cache_kwarg(module)
+        cache = kwargs.get(name)
+        if cache is None and name != "past_key_values":
+            cache = kwargs.pop("past_key_values", None)
         if cache is None:
-            kwargs["past_key_values"] = _FakeQuantCache(key_bits, value_bits, config)
+            kwargs[name] = _FakeQuantCache(key_bits, value_bits, config)
         elif isinstance(cache, PackedQuantizedCache):
             pass  # already quantizes for real
         elif _wraps_plain_dynamic(cache, layer_idx):
-            kwargs["past_key_values"] = _FakeQuantCache(key_bits, value_bits, config, inner=cache)
+            kwargs[name] = _FakeQuantCache(key_bits, value_bits, config, inner=cache)
         elif type(cache) not in warned:
             warned.add(type(cache))
             logger.warning("simulate_kv_quant: %s passed to attention; KV left unquantized", type(cache).__name__)

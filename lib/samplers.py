@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 SAMPLERS = ("tpe", "gp", "cmaes", "evolution", "random")
+COARSE_SAMPLERS = ("tpe", "cmaes")  # trend_layer's coarse stage (nine real numbers); its refine stage uses --sampler
 PRUNERS = ("none", "median", "halving")
 
 
@@ -149,30 +151,51 @@ class TrialSeededSampler(BaseSampler):
             self._cache[trial.number].after_trial(study, trial, state, values)
 
 
-def base_sampler_factory(name: str, uniform: dict[str, Any],
-                         bounds: dict[str, tuple[int, int]]) -> Callable[[int], BaseSampler]:
-    """A factory of the chosen Optuna sampler for one seed."""
+def coarse_popsize(coarse_evals: float | None, dim: int) -> int:
+    """CMA-ES population of a coarse stage: its standard one (4 + 3 ln dim), smaller when the stage's budget would
+    not hold three generations of it (a single generation is only a random draw around the start), never under 4."""
+    standard = 4 + int(3 * math.log(dim))
+    if coarse_evals is None:
+        return standard
+    return max(4, min(standard, int(coarse_evals // 3)))
+
+
+def base_sampler_factory(name: str, uniform: dict[str, Any], bounds: dict[str, tuple[int, int]],
+                         coarse: str | None = None, coarse_popsize: int | None = None) -> Callable[[int], BaseSampler]:
+    """A factory of the chosen Optuna sampler for one seed. ``coarse``: trend_layer's coarse stage samples with
+    this one while ``bounds`` is empty (the refine stage fills it in place with the per-layer moves)."""
     def make(seed: int) -> BaseSampler:
-        with warnings.catch_warnings():  # multivariate TPE and GP are "experimental"; they work
+        with warnings.catch_warnings():  # multivariate TPE, GP, CMA-ES's pruned trials are "experimental"; they work
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if name == "tpe":  # multivariate models the coupled levels; constant liar spreads parallel workers;
-                # group: trend_layer's two stages have different parameters (define-by-run)
-                return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                                  n_startup_trials=10)
-            if name == "gp":
-                return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
-            if name == "cmaes":  # its mean starts mid-range: level 0, the uniform allocation
-                return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False)
-            if name == "evolution":
-                return LevelSwitchSampler(bounds, seed=seed)
-            if name == "random":
-                return optuna.samplers.RandomSampler(seed=seed)
-        raise ValueError(f"unknown sampler {name!r}")
+            if coarse == "cmaes" and not bounds:
+                # A local search from the uniform allocation (CMA-ES starts at the box's center, level 0
+                # everywhere, sigma a sixth of the box): TPE's uniform random start-up in nine dimensions of
+                # +-range mostly draws trends far worse than uniform. Stopped trials count by their last value.
+                return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False,
+                                                    consider_pruned_trials=True, popsize=coarse_popsize)
+            return _base(name, seed, bounds)
     return make
 
 
+def _base(name: str, seed: int, bounds: dict[str, tuple[int, int]]) -> BaseSampler:
+    if name == "tpe":  # multivariate models the coupled levels; constant liar spreads parallel workers;
+        # group: trend_layer's two stages have different parameters (define-by-run)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=10)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
+    if name == "cmaes":  # its mean starts mid-range: level 0, the uniform allocation
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False)
+    if name == "evolution":
+        return LevelSwitchSampler(bounds, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
 def make_sampler(name: str, seed: int, uniform: dict[str, Any], bounds: dict[str, tuple[int, int]],
-                 repair_key: Callable[[dict[str, Any]], str] | None = None) -> BaseSampler:
+                 repair_key: Callable[[dict[str, Any]], str] | None = None, coarse: str | None = None,
+                 coarse_popsize: int | None = None) -> BaseSampler:
     def switch(params: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         params = dict(params)
         names = [n for n in bounds if n in params]
@@ -186,7 +209,7 @@ def make_sampler(name: str, seed: int, uniform: dict[str, Any], bounds: dict[str
                 break
         return params
 
-    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds), seed, fixed=uniform,
+    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds, coarse, coarse_popsize), seed, fixed=uniform,
                               repair_key=repair_key, switch=switch)
 
 
@@ -201,5 +224,5 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {name!r}")
 
 
-__all__ = ["SAMPLERS", "PRUNERS", "make_sampler", "make_pruner", "LevelSwitchSampler", "TrialSeededSampler",
+__all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "coarse_popsize", "make_sampler", "make_pruner", "LevelSwitchSampler", "TrialSeededSampler",
            "IntDistribution", "FloatDistribution"]

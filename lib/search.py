@@ -37,7 +37,7 @@ from .objective import Objective, Stopped
 from .oneshot import DenseSnapshot, OneShotPruner, dense_input_stats
 from .profile import Profile
 from .prune import PruneResult, check_sparsity, prune_optspa, prune_sparsegpt, prune_wanda
-from .samplers import make_pruner, make_sampler
+from .samplers import coarse_popsize, make_pruner, make_sampler
 from .search_report import plot_profile, trial_row, write_trials_csv
 from .search_space import (Allocation, SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts,
                            realized_profile, selection_nsamples)
@@ -217,7 +217,9 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         kv = [params[n] for n in kv_names]
         return space.allocation(levels, space.kv_from_priorities(kv) if kv else None).key()
 
-    sampler = make_sampler(cfg.sampler, cfg.seed, space.uniform_params(), bounds, repair_key)
+    coarse = cfg.coarse_sampler if cfg.searches_sparsity and cfg.granularity == "trend_layer" else None
+    sampler = make_sampler(cfg.sampler, cfg.seed, space.uniform_params(), bounds, repair_key, coarse,
+                           coarse_popsize(cfg.coarse_evals, len(space.trend_param_names())) if coarse else None)
     scoring = scoring_fingerprint(model, objective_ids, seqlen, objective_nsamples, calib, kv_kwargs,
                                   None if trial_kv is None else trial_kv.to_dict())
     study = open_study(cfg, name, url, space.fingerprint(), scoring, model_name, sampler,
@@ -260,7 +262,9 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
 
     refine_stage()  # a resumed study refines where it left off
     logger.info("study '%s' (%s): %d of %d trials finished; %s sampler, %s pruner, objective %s on %d windows of %d%s",
-                name, url.split("@")[-1], done, cfg.n_trials, cfg.sampler, cfg.pruner, cfg.objective, nwin, seqlen,
+                name, url.split("@")[-1], done, cfg.n_trials,
+                cfg.sampler + (f" (trend stage: {coarse})" if coarse and coarse != cfg.sampler else ""),
+                cfg.pruner, cfg.objective, nwin, seqlen,
                 f"; {cfg.granularity} units within {cfg.target:g} +- {cfg.sparsity_range:g}"
                 if cfg.searches_sparsity else "")
     runner = TrialRunner(model, cfg, space, calib, objective, device, offload, kv_kwargs, trial_kv)
@@ -321,6 +325,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         bar = tqdm(total=cfg.n_trials, initial=done, desc=f"search {cfg.kind}", disable=not progress)
 
         def on_trial(study_, _trial) -> None:
+            refine_stage()  # before the next trial is created: its sampler follows the stage
             bar.n = len(trials())
             try:
                 bar.set_postfix(best=f"{study_.best_value:.4f}", cost=f"{cost():.1f}", refresh=False)
@@ -472,6 +477,7 @@ def _profile_from_trial(t, num_layers: int, cfg: SearchConfig, base: Profile | N
                       "num_blocks": cfg.num_blocks, "trial_mode": cfg.trial_mode, "seed": cfg.seed,
                       "sampler": cfg.sampler, "pruner": cfg.pruner, "sparsity_range": cfg.sparsity_range,
                       "coarse_fraction": cfg.coarse_fraction if cfg.granularity == "trend_layer" else None,
+                      "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                       "kv_avg_bits": (sum(prof.key_bits + prof.value_bits) / (2 * num_layers))
                       if prof.key_bits else None})
     return prof

@@ -96,6 +96,7 @@ class SearchConfig:
     granularity: str = DEFAULT_GRANULARITY
     num_blocks: int = 8
     coarse_fraction: float = 0.25  # trend_layer: the share of the evaluations spent on the trend
+    coarse_sampler: str = "tpe"  # trend_layer: the sampler of the trend stage (the refine stage uses ``sampler``)
     trend_types: bool = True  # trend: one offset per projection type besides the depth terms
     sparsity_range: float | None = None  # None: default_sparsity_range(target)
     sparsity_step: float = 0.025
@@ -128,6 +129,11 @@ class SearchConfig:
             self.pruner = default_pruner(self.sampler)
 
     @property
+    def coarse_evals(self) -> float:
+        """trend_layer: what the trend stage may spend, in full evaluations (in trials without a budget)."""
+        return self.coarse_fraction * (self.budget_evals if self.budget_evals is not None else self.n_trials)
+
+    @property
     def searches_sparsity(self) -> bool:
         return self.kind in ("sparsity", "joint")
 
@@ -142,7 +148,7 @@ class SearchConfig:
 
     def check(self) -> None:
         """Raise :class:`SearchError` for settings that cannot work; needs no model."""
-        from .samplers import PRUNERS, SAMPLERS
+        from .samplers import COARSE_SAMPLERS, PRUNERS, SAMPLERS
 
         if self.kind not in SEARCH_KINDS:
             raise SearchError(f"unknown search {self.kind!r} (choose from {', '.join(SEARCH_KINDS)})")
@@ -154,6 +160,9 @@ class SearchConfig:
             raise SearchError(f"unknown --objective {self.objective!r}")
         if self.sampler not in SAMPLERS:
             raise SearchError(f"unknown --sampler {self.sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if self.coarse_sampler not in COARSE_SAMPLERS:
+            raise SearchError(f"unknown --coarse_sampler {self.coarse_sampler!r} (choose from "
+                              f"{', '.join(COARSE_SAMPLERS)})")
         if self.pruner not in PRUNERS:
             raise SearchError(f"unknown --pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
         if self.n_trials < 1:

@@ -56,6 +56,7 @@ VARIANTS = {  # the ablations that choose the defaults
     "sel": {"select_top": 4},  # the 4 best trials scored again on 4x the objective's windows; the best there ships
     "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
     "c0.75": {"coarse_fraction": 0.75},
+    "ccmaes": {"coarse_sampler": "cmaes"},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
@@ -322,6 +323,7 @@ class Bench:
             logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
                            path, rebuilt, src["search"]["shipped_value"])
         keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
+                "coarse_sampler",
                 "objective", "objective_spread", "objective_text", "pruner", "trend_types", "search", "layer_sparsity",
                 "profile", "command")
         return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
@@ -338,7 +340,7 @@ class Bench:
         select_top = v.pop("select_top", 0)
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
-        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction",) if k in v}  # else SearchConfig's own
+        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler") if k in v}  # else SearchConfig's
         n_trials = max(a.n_trials, 2 * budget)  # stopped trials cost a fraction: room for the whole budget
         num_layers = self.model.config.num_hidden_layers
         cfg = SearchConfig(target=target, kind="sparsity", granularity=v["granularity"],
@@ -365,6 +367,7 @@ class Bench:
         uniform_val = next((t["value"] for t in r.trials if t["number"] == 0), None)
         out = {"allocation": "search", "method": method, "target": target, "variant": variant, **v,
                "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
+               "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                "sampler_seed": sampler_seed,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
@@ -544,7 +547,9 @@ def markdown(cells: dict, tag: str) -> str:
             unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
             spread = " spread" if c.get("objective_spread") else ""
             spread += " WikiText-2 val" if c["objective"] == "kl" and c.get("objective_text") == "wikitext2" else ""
-            name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {c['sampler']}, "
+            sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']})"
+                                      if c.get("coarse_sampler") not in (None, "tpe") else "")
+            name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {sampler}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
                     + (f", sampler seed {c['sampler_seed']}" if c.get("sampler_seed") else "")

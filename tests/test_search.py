@@ -463,6 +463,32 @@ def test_trend_layer_refines_around_its_best_trend_in_one_resumable_study(tiny_l
     assert all(any(n.startswith("d_") for n in t.params) for t in study.trials[8:])
 
 
+def test_a_cmaes_trend_stage_is_a_local_search_from_uniform_then_tpe_refines(tiny_llama, data_dir, tmp_path):
+    """--coarse_sampler cmaes: the trend stage's trials after the uniform one are CMA-ES's (its generation is in
+    every such trial's system attributes), drawn around the uniform trend; the per-layer stage is TPE's again."""
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend_layer", n_trials=12,
+                       coarse_fraction=0.5, sparsity_range=0.3, coarse_sampler="cmaes", seed=3)
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    coarse = [t for t in study.trials if "trend_slope" in t.params]
+    fine = [t for t in study.trials if any(n.startswith("d_") for n in t.params)]
+    assert [t.number for t in coarse] == list(range(6)) and [t.number for t in fine] == list(range(6, 12))
+    assert all("cma:generation" in t.system_attrs for t in coarse[1:])
+    assert not any(k.startswith("cma:") for t in fine for k in t.system_attrs)
+    assert all(t.user_attrs["feasible"] for t in study.trials if t.state.name == "COMPLETE")
+    assert len({json.dumps(t.params, sort_keys=True) for t in coarse}) == len(coarse)  # it moves
+    assert r.profile.meta["coarse_sampler"] == "cmaes"
+    again, _ = _lib_search(tiny_llama, data_dir, tmp_path / "again", kind="sparsity", granularity="trend_layer",
+                           n_trials=12, coarse_fraction=0.5, sparsity_range=0.3, coarse_sampler="cmaes", seed=3)
+    assert [t["value"] for t in again.trials] == [t["value"] for t in r.trials]  # one worker is reproducible
+
+
+@pytest.mark.parametrize("evals,want", [(None, 10), (12.5, 4), (25, 8), (50, 10), (3, 4)])
+def test_coarse_popsize_keeps_three_generations_in_the_stage(evals, want):
+    from lib.samplers import coarse_popsize
+
+    assert coarse_popsize(evals, 9) == want
+
+
 def test_kl_objective_streams_window_by_window_from_disk(tiny_llama, tmp_path):
     import torch.nn.functional as F
 
@@ -718,6 +744,8 @@ BAD = {
                                    "trend", "--sampler", "evolution"], "evolution"),
     "trend_layer with cmaes": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
                                 "trend_layer", "--sampler", "cmaes"], "cmaes"),
+    "unknown coarse sampler": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--coarse_sampler", "gp"],
+                               "coarse_sampler"),
     "coarse fraction of 1": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
                               "trend_layer", "--coarse_fraction", "1"], "coarse"),
     "owl without pruning": (["--layer_allocation", "owl"], "owl"),
