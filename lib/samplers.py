@@ -8,6 +8,9 @@
   by tournament among the best completed trials with a few level switches (one unit up, another down by the
   same number of levels; levels are measured in weights, so every switch keeps the budget exact). KV
   priorities (joint searches) are inherited with a small Gaussian change.
+* trend_layer's coarse stage may sample with CMA-ES (``coarse="cmaes"``), a local search from the uniform
+  allocation, while the refine stage keeps the chosen sampler: the factory looks at the shared ``bounds``,
+  which the refine stage fills in place.
 * Pruners: ``median`` (Optuna's MedianPruner on the running objective), ``halving`` (successive halving),
   ``none``.
 """
@@ -173,11 +176,12 @@ def base_sampler_factory(name: str, uniform: dict[str, Any], bounds: dict[str, t
                 # +-range mostly draws trends far worse than uniform. Stopped trials count by their last value.
                 return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False,
                                                     consider_pruned_trials=True, popsize=coarse_popsize)
-            return _base(name, seed, bounds)
+            return _sampler(name, seed, bounds)
     return make
 
 
-def _base(name: str, seed: int, bounds: dict[str, tuple[int, int]]) -> BaseSampler:
+def _sampler(name: str, seed: int, bounds: dict[str, tuple[int, int]]) -> BaseSampler:
+    """One of :data:`SAMPLERS`, seeded."""
     if name == "tpe":  # multivariate models the coupled levels; constant liar spreads parallel workers;
         # group: trend_layer's two stages have different parameters (define-by-run)
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
@@ -209,8 +213,8 @@ def make_sampler(name: str, seed: int, uniform: dict[str, Any], bounds: dict[str
                 break
         return params
 
-    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds, coarse, coarse_popsize), seed, fixed=uniform,
-                              repair_key=repair_key, switch=switch)
+    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds, coarse, coarse_popsize), seed,
+                              fixed=uniform, repair_key=repair_key, switch=switch)
 
 
 def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
@@ -224,5 +228,5 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {name!r}")
 
 
-__all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "coarse_popsize", "make_sampler", "make_pruner", "LevelSwitchSampler", "TrialSeededSampler",
-           "IntDistribution", "FloatDistribution"]
+__all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "coarse_popsize", "make_sampler", "make_pruner",
+           "LevelSwitchSampler", "TrialSeededSampler", "IntDistribution", "FloatDistribution"]
