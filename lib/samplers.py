@@ -173,7 +173,8 @@ def base_sampler_factory(name: str, uniform: dict[str, Any], bounds: dict[str, t
             if coarse == "cmaes" and not bounds:
                 # A local search from the uniform allocation (CMA-ES starts at the box's center, level 0
                 # everywhere, sigma a sixth of the box): TPE's uniform random start-up in nine dimensions of
-                # +-range mostly draws trends far worse than uniform. Stopped trials count by their last value.
+                # +-range mostly draws trends far worse than uniform. --pruner auto runs this stage unpruned; with a
+                # pruner asked for, stopped trials count by their last value.
                 return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False,
                                                     consider_pruned_trials=True, popsize=coarse_popsize)
             return _sampler(name, seed, bounds)

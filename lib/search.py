@@ -264,7 +264,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     logger.info("study '%s' (%s): %d of %d trials finished; %s sampler, %s pruner, objective %s on %d windows of %d%s",
                 name, url.split("@")[-1], done, cfg.n_trials,
                 cfg.sampler + (f" (trend stage: {coarse})" if coarse and coarse != cfg.sampler else ""),
-                cfg.pruner, cfg.objective, nwin, seqlen,
+                cfg.pruner + (f" (trend stage: {cfg.coarse_pruner})" if coarse and cfg.coarse_pruner != cfg.pruner
+                              else ""), cfg.objective, nwin, seqlen,
                 f"; {cfg.granularity} units within {cfg.target:g} +- {cfg.sparsity_range:g}"
                 if cfg.searches_sparsity else "")
     runner = TrialRunner(model, cfg, space, calib, objective, device, offload, kv_kwargs, trial_kv)
@@ -305,8 +306,10 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
             trial.set_user_attr(k, v)
         if not feasible:  # cannot happen by construction; loud if it ever does
             logger.error("trial %d misses the budget: mean %s realized %s kv %s", trial.number, mean, realized, kv_avg)
+        trend_stage = cfg.granularity == "trend_layer" and space.is_trend_trial(trial.params)
+        stop = None if (cfg.coarse_pruner if trend_stage else cfg.pruner) == "none" else trial.should_prune
         try:
-            value = runner.score(alloc, lambda step, v: trial.report(v, step), trial.should_prune)
+            value = runner.score(alloc, lambda step, v: trial.report(v, step), stop)
         except Stopped as stop:
             trial.set_user_attr("windows", stop.windows)
             trial.set_user_attr("trial_seconds", time.perf_counter() - t0)
@@ -478,6 +481,7 @@ def _profile_from_trial(t, num_layers: int, cfg: SearchConfig, base: Profile | N
                       "sampler": cfg.sampler, "pruner": cfg.pruner, "sparsity_range": cfg.sparsity_range,
                       "coarse_fraction": cfg.coarse_fraction if cfg.granularity == "trend_layer" else None,
                       "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
+                      "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
                       "kv_avg_bits": (sum(prof.key_bits + prof.value_bits) / (2 * num_layers))
                       if prof.key_bits else None})
     return prof

@@ -110,6 +110,9 @@ class SearchConfig:
     method: str = "optspa"
     sampler: str = "tpe"
     pruner: str = "auto"  # auto: median, or none for samplers that learn from complete trials only (gp, cmaes)
+    # trend_layer's trend stage: the pruner asked for, or with auto the rule for its own sampler (so a CMA-ES
+    # trend stage runs unpruned while the TPE refine stage stops hopeless trials); set from ``pruner``
+    coarse_pruner: str = field(default="", init=False)
     reprune_top: int = 1
     select_top: int = 0  # after the search: the K best trials scored again on more windows, the best of them ships
     select_nsamples: int | None = None  # the selection's windows; None: 4x the objective's
@@ -127,6 +130,9 @@ class SearchConfig:
             self.sparsity_range = default_sparsity_range(self.target)
         if self.pruner == "auto":
             self.pruner = default_pruner(self.sampler)
+            self.coarse_pruner = default_pruner(self.coarse_sampler)
+        else:
+            self.coarse_pruner = self.pruner
 
     @property
     def coarse_evals(self) -> float:

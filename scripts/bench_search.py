@@ -57,6 +57,8 @@ VARIANTS = {  # the ablations that choose the defaults
     "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
     "c0.75": {"coarse_fraction": 0.75},
     "ccmaes": {"coarse_sampler": "cmaes"},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
+    # the tool's --pruner auto (the quick protocol asks for median): median in a TPE stage, none in a CMA-ES one
+    "auto": {"pruner": "auto"},
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
@@ -323,7 +325,7 @@ class Bench:
             logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
                            path, rebuilt, src["search"]["shipped_value"])
         keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
-                "coarse_sampler",
+                "coarse_sampler", "coarse_pruner",
                 "objective", "objective_spread", "objective_text", "pruner", "trend_types", "search", "layer_sparsity",
                 "profile", "command")
         return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
@@ -368,6 +370,7 @@ class Bench:
         out = {"allocation": "search", "method": method, "target": target, "variant": variant, **v,
                "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
                "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
+               "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
                "sampler_seed": sampler_seed,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
@@ -547,7 +550,8 @@ def markdown(cells: dict, tag: str) -> str:
             unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
             spread = " spread" if c.get("objective_spread") else ""
             spread += " WikiText-2 val" if c["objective"] == "kl" and c.get("objective_text") == "wikitext2" else ""
-            sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']})"
+            unpruned = " unpruned" if c.get("coarse_pruner") == "none" and c.get("pruner") != "none" else ""
+            sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']}{unpruned})"
                                       if c.get("coarse_sampler") not in (None, "tpe") else "")
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {sampler}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"

@@ -482,6 +482,29 @@ def test_a_cmaes_trend_stage_is_a_local_search_from_uniform_then_tpe_refines(tin
     assert [t["value"] for t in again.trials] == [t["value"] for t in r.trials]  # one worker is reproducible
 
 
+def test_auto_runs_a_cmaes_trend_stage_unpruned_and_prunes_the_refine_stage(tiny_llama, data_dir, tmp_path):
+    """CMA-ES learns from complete trials only, so --pruner auto spares its trend stage (a stopped trial's
+    one-window value is not comparable with the others' full values); TPE's refine stage keeps the median
+    rule. A pruner asked for by name applies to both stages."""
+    assert SearchConfig(target=0.5, coarse_sampler="cmaes").coarse_pruner == "none"
+    assert SearchConfig(target=0.5, coarse_sampler="cmaes").pruner == "median"
+    assert SearchConfig(target=0.5).coarse_pruner == "median"
+    assert SearchConfig(target=0.5, coarse_sampler="cmaes", pruner="median").coarse_pruner == "median"
+    kw = dict(kind="sparsity", granularity="trend_layer", n_trials=24, coarse_fraction=0.5, sparsity_range=0.3,
+              coarse_sampler="cmaes", objective_nsamples=8, seed=0)
+    runs = {p: _lib_search(tiny_llama, data_dir, tmp_path / p, pruner=p, **kw)[0] for p in ("auto", "median")}
+    for pruner, r in runs.items():
+        study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+        trend = [t for t in study.trials if "trend_slope" in t.params]
+        stopped = [t for t in trend if t.state.name == "PRUNED"]
+        if pruner == "auto":
+            assert not stopped and all(t.user_attrs["windows"] == 8 for t in trend)
+            assert any(t.state.name == "PRUNED" for t in study.trials if t not in trend)  # the refine stage's
+            assert r.profile.meta["coarse_pruner"] == "none"
+        else:
+            assert stopped  # the same stage with the median rule stops some
+
+
 @pytest.mark.parametrize("evals,want", [(None, 10), (12.5, 4), (25, 8), (50, 10), (3, 4)])
 def test_coarse_popsize_keeps_three_generations_in_the_stage(evals, want):
     from lib.samplers import coarse_popsize
