@@ -354,11 +354,13 @@ def validate_search(args, pattern) -> None:
             raise UsageError(f"--search {args.search} needs a calibrated method (--prune_method wanda, optspa or "
                              "sparsegpt); --search kv works with any method")
         if pattern.structured:
-            raise UsageError(f"--search {args.search} needs unstructured sparsity ({pattern} is uniform by construction)")
+            raise UsageError(f"--search {args.search} needs unstructured sparsity "
+                             f"({pattern} is uniform by construction)")
         if args.sparsity_profile is not None:
             raise UsageError(f"--search {args.search} finds a profile; do not combine it with --sparsity_profile")
         if args.layer_allocation != "uniform":
-            raise UsageError(f"--layer_allocation {args.layer_allocation} is a non-searched baseline; drop it or --search")
+            raise UsageError(f"--layer_allocation {args.layer_allocation} is a non-searched baseline; "
+                             "drop it or --search")
         if args.use_variant:
             raise UsageError("--use_variant sets its own per-row ratios; it cannot follow a searched profile")
         if args.prune_method == "sparsegpt" and args.trial_mode == "oneshot":

@@ -101,7 +101,8 @@ def dequantize_channel_groups(chunk: QuantizedChunk, dtype: torch.dtype) -> torc
     return _dequantize_along(chunk, -2, dtype)
 
 
-def _quantize_rows(x: torch.Tensor, bits: int, per_channel: bool, config: KVQuantConfig) -> tuple[QuantizedChunk, torch.Tensor]:
+def _quantize_rows(x: torch.Tensor, bits: int, per_channel: bool,
+                   config: KVQuantConfig) -> tuple[QuantizedChunk, torch.Tensor]:
     """The one quantizer of a K or V stream (simulation and real cache both call it, so they agree bitwise)."""
     if per_channel:
         return _quantize_channel(x, bits, config.token_group_size)

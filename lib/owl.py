@@ -22,7 +22,8 @@ DEFAULT_M = 5.0
 
 
 @torch.no_grad()
-def outlier_ratios(model: nn.Module, act_sq_mean: dict[tuple[int, str], torch.Tensor], m: float = DEFAULT_M) -> list[float]:
+def outlier_ratios(model: nn.Module, act_sq_mean: dict[tuple[int, str], torch.Tensor],
+                   m: float = DEFAULT_M) -> list[float]:
     """Fraction of each layer's weights whose Wanda score is above ``m`` times the layer's mean score.
 
     ``act_sq_mean[(layer, module)]`` is the mean of x_j^2 over calibration tokens, from the dense model.

@@ -398,7 +398,8 @@ class SearchSpace:
                 total += self.kv_choices[level[i] - 1] - self.kv_choices[level[i]]
                 level[i] -= 1
         for i in reversed(order):  # highest priority first: spend what is left
-            while level[i] < n - 1 and total - self.kv_choices[level[i]] + self.kv_choices[level[i] + 1] <= budget_total:
+            while level[i] < n - 1 and \
+                    total - self.kv_choices[level[i]] + self.kv_choices[level[i] + 1] <= budget_total:
                 total += self.kv_choices[level[i] + 1] - self.kv_choices[level[i]]
                 level[i] += 1
         return [self.kv_choices[lv] for lv in level]

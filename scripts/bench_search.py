@@ -559,7 +559,8 @@ def markdown(cells: dict, tag: str) -> str:
                     + (f", sampler seed {c['sampler_seed']}" if c.get("sampler_seed") else "")
                     + f", shipped {s['shipped']})")
             if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
-                name += f", profile searched in `{os.path.basename(os.path.dirname(os.path.dirname(c['profile_from'])))}`"
+                source = os.path.basename(os.path.dirname(os.path.dirname(c["profile_from"])))
+                name += f", profile searched in `{source}`"
         gap = gap_closed(cells, c) if c["allocation"] in ("uniform", "owl", "search") else None
         cost = f"{s['cost_evals']:.1f} ({s['complete_trials']}/{s['pruned_trials']})" if s else ""
         if s and s.get("selection_evals"):

@@ -23,7 +23,8 @@ def _results(name):
 def test_readme_prune_table_is_the_scripts_output():
     bench = _script("bench_prune")
     out = _results("prune_cpu.json")
-    assert _section(os.path.join(ROOT, "README.md"), "bench_prune") == bench.table(out["results"]) + "\n\n" + bench.footnote(out)
+    want = bench.table(out["results"]) + "\n\n" + bench.footnote(out)
+    assert _section(os.path.join(ROOT, "README.md"), "bench_prune") == want
 
 
 SEARCH_CELLS = os.path.join(ROOT, "scripts", "results", "search_quick")

@@ -157,7 +157,8 @@ def test_bad_image_text_input_is_a_one_line_error(tiny_llava, tiny_set, tmp_path
 
 @pytest.mark.skipif(not os.path.isdir(TESTBED_LLAVA), reason="needs the testbed's llava-c4-5m (real LM weights)")
 def test_testbed_wrapper_prunes_on_image_text_windows(tmp_path):
-    conv = mmdata.conversations_from_questions(os.path.join(TESTBED_IMAGES, "questions.jsonl"), str(tmp_path / "q.json"))
+    conv = mmdata.conversations_from_questions(os.path.join(TESTBED_IMAGES, "questions.jsonl"),
+                                               str(tmp_path / "q.json"))
     lm = load_model(TESTBED_LLAVA, dtype="float32")
     proc = _load_processor(TESTBED_LLAVA)
     img_id = lm.model.config.image_token_index

@@ -102,7 +102,8 @@ def test_calibration_is_seeded_and_matches_wandas_sampler(tiny_llama, data_dir):
 def test_eval_tokens_join_rows_with_blank_lines(tiny_llama, data_dir):
     tok = load_model(tiny_llama, dtype="float32").tokenizer
     rows = load_texts("wikitext2", "test", data_dir)
-    assert torch.equal(get_eval_tokens("wikitext2", tok, data_dir), tok("\n\n".join(rows), return_tensors="pt").input_ids)
+    want = tok("\n\n".join(rows), return_tensors="pt").input_ids
+    assert torch.equal(get_eval_tokens("wikitext2", tok, data_dir), want)
     c4 = get_eval_tokens("c4", tok, data_dir, seqlen=8)
     assert c4.shape[1] <= 256 * 8
 

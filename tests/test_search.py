@@ -27,7 +27,8 @@ from lib.search_space import (SearchConfig, SearchError, SearchSpace, band_bytes
                               profile_counts, realize, realized_sparsity)
 from lib.sparsity import SparsityType
 
-COMMON = ["--nsamples", "4", "--seqlen", "32", "--objective_nsamples", "2", "--kv_group_size", "16"]  # tiny models: head_dim 16
+# tiny models: head_dim 16
+COMMON = ["--nsamples", "4", "--seqlen", "32", "--objective_nsamples", "2", "--kv_group_size", "16"]
 TESTBED_LAYER = {"self_attn.q_proj": (192, 192), "self_attn.k_proj": (64, 192), "self_attn.v_proj": (64, 192),
                  "self_attn.o_proj": (192, 192), "mlp.gate_proj": (512, 192), "mlp.up_proj": (512, 192),
                  "mlp.down_proj": (192, 512)}
@@ -796,8 +797,8 @@ def test_bad_search_flags_exit_2_with_one_line(tiny_llama, data_dir, tmp_path, c
 def _worker(tiny_llama, data_dir, save, storage, study, seed):
     cmd = [sys.executable, os.path.join(ROOT, "main.py"), *_args(tiny_llama, data_dir), "--prune_method", "optspa",
            "--sparsity_ratio", "0.5", "--search", "sparsity", "--search_granularity", "module", "--n_trials", "10",
-           "--search_seed", str(seed), "--pruner", "none", "--storage", storage, "--study_name", study, "--save", str(save),
-           "--eval_datasets", "wikitext2"]
+           "--search_seed", str(seed), "--pruner", "none", "--storage", storage, "--study_name", study,
+           "--save", str(save), "--eval_datasets", "wikitext2"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
