@@ -145,26 +145,27 @@ def search_cell(method: str, target: float, variant: str) -> str:
     return f"search-{method}-s{target:.2f}-{variant}"
 
 
-def check_profiles_from(args, tag: str) -> str | None:
-    """What is wrong with ``--profiles_from`` for the requested search cells (None: every source cell exists,
-    holds its shipped profile and was calibrated as this run will be, so its shipped model can be rebuilt)."""
+def check_profiles_from(args, tag: str, source: str | None = None, flag: str = "--profiles_from") -> str | None:
+    """What is wrong with the search cells to rebuild from ``source`` (default ``--profiles_from``); None: every
+    source cell exists, holds its shipped profile and was calibrated as this run will be, so its shipped model
+    can be rebuilt."""
     for t in args.targets:
         for variant in args.variants:
             for m in args.methods:
-                path = cell_path(args.profiles_from, tag, search_cell(m, t, variant))
+                path = cell_path(source or args.profiles_from, tag, search_cell(m, t, variant))
                 if not os.path.exists(path):
-                    return f"--profiles_from: no cell {path} (measure it first)"
+                    return f"{flag}: no cell {path} (measure it first)"
                 try:
                     src = json.load(open(path, encoding="utf-8"))
                 except (OSError, ValueError) as e:
-                    return f"--profiles_from: cannot read {path}: {e}"
+                    return f"{flag}: cannot read {path}: {e}"
                 if "profile" not in src:
-                    return f"--profiles_from: {path} holds no shipped profile (a cell from before profiles were stored)"
+                    return f"{flag}: {path} holds no shipped profile (a cell from before profiles were stored)"
                 theirs = stored_calibration(src)
                 ours = calibration_of(args, args.seqlen)
                 differ = [k for k in ours if theirs.get(k) != ours[k]]
                 if differ:
-                    return (f"--profiles_from: {path} drew its calibration with other settings ("
+                    return (f"{flag}: {path} drew its calibration with other settings ("
                             + ", ".join(f"{k} {theirs.get(k)} here {ours[k]}" for k in differ)
                             + "): its model cannot be rebuilt")
     return None
@@ -298,15 +299,15 @@ class Bench:
             return self.searched_profile(method, target, variant)
         return self.run_search(method, target, variant)
 
-    def searched_profile(self, method: str, target: float, variant: str) -> dict:
-        """A search cell measured in ``--profiles_from``: its shipped profile pruned again as it shipped (oneshot
-        or sequential, on the same calibration windows), no search. How a cheap protocol's searches are scored
-        on a costlier one (the full test set) without searching again."""
+    def searched_profile(self, method: str, target: float, variant: str, source: str | None = None) -> dict:
+        """A search cell measured in ``source`` (default ``--profiles_from``): its shipped profile pruned again as
+        it shipped (oneshot or sequential, on the same calibration windows), no search. How a cheap protocol's
+        searches are scored on a costlier one (the full test set) without searching again."""
         from lib.objective import Objective
         from lib.oneshot import prune_oneshot, shipped_oneshot
         from lib.profile import Profile
 
-        path = cell_path(self.args.profiles_from, self.tag, search_cell(method, target, variant))
+        path = cell_path(source or self.args.profiles_from, self.tag, search_cell(method, target, variant))
         src = json.load(open(path, encoding="utf-8"))  # checked by check_profiles_from before any work
         prof = Profile.from_dict(src["profile"])
         # the rebuilt model must be the one the search shipped: scored again on the search objective (a kl judge
@@ -445,7 +446,8 @@ class Bench:
     def kv_cfg(self, key_bits: list[int], value_bits: list[int]):
         from lib.kvquant import KVQuantConfig
 
-        return KVQuantConfig(key_bits=list(key_bits), value_bits=list(value_bits))
+        group = {} if self.args.kv_group_size is None else {"group_size": self.args.kv_group_size}
+        return KVQuantConfig(key_bits=list(key_bits), value_bits=list(value_bits), **group)
 
     def kv_uniform(self, bits: int) -> dict:
         n = self.model.config.num_hidden_layers
@@ -473,6 +475,15 @@ class Bench:
         return {"allocation": "kv-two-level", "method": "dense", "target": 0.0, "kv_avg_bits": (lo + hi) / 2,
                 "split": best, "validation": scores, "key_bits": self.kv.key_bits, "value_bits": self.kv.value_bits}
 
+    def kv_after_search(self, method: str, target: float, variant: str, bits: int) -> dict:
+        """The sparsity-only search's shipped model (rebuilt from its cell in this cells dir) under a uniform KV
+        cache of ``bits``: what the joint search must beat at that KV budget."""
+        out = self.searched_profile(method, target, variant, source=self.args.cells_dir)
+        n = self.model.config.num_hidden_layers
+        self.kv = self.kv_cfg([bits] * n, [bits] * n)
+        return {**out, "allocation": "kv-after-search", "kv_avg_bits": float(bits), "key_bits": self.kv.key_bits,
+                "value_bits": self.kv.value_bits}
+
     def kv_search(self, method: str, target: float, avg: float, choices: list[int]) -> dict:
         from lib.search import run_search
         from lib.search_space import SearchConfig
@@ -484,7 +495,8 @@ class Bench:
                            budget_evals=a.budget, seed=a.seed, method=method, reprune_top=a.reprune_top,
                            save_dir=os.path.join(self.work, f"{kind}-{method}-{target}-{avg}"))
         r = run_search(self.model, cfg, calib=self.calib, objective_ids=self.val_ids, seqlen=self.seqlen,
-                       objective_nsamples=a.objective_nsamples, model_name=self.tag, progress=False)
+                       objective_nsamples=a.objective_nsamples, model_name=self.tag, progress=False,
+                       kv_kwargs=None if a.kv_group_size is None else {"group_size": a.kv_group_size})
         self.kv = self.kv_cfg(r.profile.key_bits, r.profile.value_bits)
         return {"allocation": f"{kind}-search", "method": method if kind == "joint" else "dense", "target": target,
                 "kv_avg_bits": avg, "kv_choices": choices, "key_bits": r.profile.key_bits,
@@ -534,7 +546,7 @@ def markdown(cells: dict, tag: str) -> str:
         lines.append(f"| - | dense | {d['wikitext2_test']:.2f} | {d['c4_val']:.2f} | {d['actual_sparsity']:.4f} "
                      f"|  |  |  |  |  |")
     order = {"uniform": 0, "owl": 1, "search": 2, "kv-uniform": 3, "kv-two-level": 4, "kv-search": 5,
-             "joint-search": 6}
+             "kv-after-search": 6, "joint-search": 7}
     rank = [c for c in cells.values() if c.get("allocation") == "rank"]
     rows = [c for k, c in cells.items() if k != "dense" and c.get("allocation") != "rank"]
     rows.sort(key=lambda c: (c["target"], order[c["allocation"]], c["method"], c.get("variant", "")))
@@ -544,6 +556,7 @@ def markdown(cells: dict, tag: str) -> str:
             name = {"kv-uniform": f"KV uniform {c['kv_avg_bits']:g} bits",
                     "kv-two-level": f"KV two-level ({c.get('split')}), avg {c['kv_avg_bits']:g}",
                     "kv-search": f"KV search, K and V per layer, avg {c['kv_avg_bits']:g}",
+                    "kv-after-search": f"search {c.get('variant')}, then KV uniform {c['kv_avg_bits']:g} bits",
                     "joint-search": f"joint sparsity + KV search, avg {c['kv_avg_bits']:g} bits"}[c["allocation"]]
         s = c.get("search")
         if c["allocation"] == "search":
@@ -670,6 +683,8 @@ def main() -> int:
                    help="rank cells: calibration windows for both prunings (default: all --nsamples)")
     p.add_argument("--kv_avg", type=float, default=3.0, help="KV cells: average bits (keys and values)")
     p.add_argument("--kv_choices", type=int, nargs="+", default=[2, 3, 4, 6, 8])
+    p.add_argument("--kv_group_size", type=int, default=None,
+                   help="KV cells: elements per quantization group along the head (default: the tool's)")
     p.add_argument("--profiles_dir", default=None,
                    help="with --publish: ship the --ship_variants search cells' profiles here, and their table")
     p.add_argument("--ship_variants", nargs="+", default=["default"], type=variant_name,
@@ -692,6 +707,11 @@ def main() -> int:
             replace_section(os.path.join(args.profiles_dir, "README.md"),
                             profiles_markdown(args.profiles_dir, args.cells_dir), "profiles")
         return 0
+    # (unless this run measures those search cells first)
+    if "kvafter" in args.cells and "search" not in args.cells and \
+            check_profiles_from(args, tag, args.cells_dir, "--cells kvafter"):
+        print(f"error: {check_profiles_from(args, tag, args.cells_dir, '--cells kvafter')}", file=sys.stderr)
+        return 2
     if args.profiles_from and "search" in args.cells:
         problem = check_profiles_from(args, tag)
         if problem:
@@ -730,6 +750,12 @@ def main() -> int:
             bench.cell(f"kv-two-level{lo}-{hi}", lambda: bench.kv_two_level(lo, hi))
             bench.cell(f"kv-search-avg{args.kv_avg:g}", lambda: bench.kv_search("dense", 0.0, args.kv_avg,
                                                                                 args.kv_choices))
+        if "kvafter" in args.cells:  # the searched sparsity profile, then a uniform KV cache of --kv_avg bits
+            for t in args.targets:
+                for variant in args.variants:
+                    for m in args.methods:
+                        bench.cell(f"kvafter-{search_cell(m, t, variant)}-kv{int(args.kv_avg)}",
+                                   lambda m=m, t=t, v=variant: bench.kv_after_search(m, t, v, int(args.kv_avg)))
         if "joint" in args.cells:
             for t in args.targets:
                 for m in args.methods:

@@ -109,3 +109,28 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     kl = json.load(open(os.path.join(second, tag, "search-wanda-s0.50-default+klw.json"), encoding="utf-8"))
     assert kl_src["objective"] == "kl" and kl_src["objective_text"] == "wikitext2"
     assert kl["rebuilt_value"] == kl_src["search"]["shipped_value"] and kl["rebuilt_value"] > 0
+
+
+def test_kvafter_scores_the_searched_model_under_a_uniform_kv_cache(tiny_llama, data_dir, tmp_path):
+    """--cells kvafter: the sparsity-only search's shipped model, rebuilt from its cell, evaluated with a uniform
+    KV cache (what a joint search at that KV budget must beat); refused with one line when the cell is missing."""
+    import json
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
+    common = [sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
+              "--nsamples", "4", "--objective_nsamples", "2", "--n_trials", "6", "--budget", "3", "--threads", "1",
+              "--c4_windows", "2", "--test_windows", "3", "--targets", "0.5", "--methods", "wanda",
+              "--variants", "default", "--kv_avg", "3", "--kv_group_size", "16", "--cells_dir", str(tmp_path)]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    missing = subprocess.run([*common, "--cells", "kvafter"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "--cells kvafter: no cell" in missing.stderr
+    run = subprocess.run([*common, "--cells", "search", "kvafter"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tag = os.path.basename(tiny_llama)
+    src = json.load(open(os.path.join(tmp_path, tag, "search-wanda-s0.50-default.json"), encoding="utf-8"))
+    out = json.load(open(os.path.join(tmp_path, tag, "kvafter-search-wanda-s0.50-default-kv3.json"),
+                         encoding="utf-8"))
+    assert out["rebuilt_value"] == src["search"]["shipped_value"]  # the searched model itself
+    assert out["key_bits"] == out["value_bits"] == [3, 3] and out["allocation"] == "kv-after-search"
+    assert out["actual_sparsity"] == src["actual_sparsity"] and out["wikitext2_test"] != src["wikitext2_test"]
+    assert "then KV uniform 3 bits" in load_script("bench_search").markdown({"kv": out}, tag)
