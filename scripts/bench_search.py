@@ -708,10 +708,11 @@ def main() -> int:
                             profiles_markdown(args.profiles_dir, args.cells_dir), "profiles")
         return 0
     # (unless this run measures those search cells first)
-    if "kvafter" in args.cells and "search" not in args.cells and \
-            check_profiles_from(args, tag, args.cells_dir, "--cells kvafter"):
-        print(f"error: {check_profiles_from(args, tag, args.cells_dir, '--cells kvafter')}", file=sys.stderr)
-        return 2
+    if "kvafter" in args.cells and "search" not in args.cells:
+        problem = check_profiles_from(args, tag, args.cells_dir, "--cells kvafter")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if args.profiles_from and "search" in args.cells:
         problem = check_profiles_from(args, tag)
         if problem:
