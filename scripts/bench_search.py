@@ -59,6 +59,9 @@ VARIANTS = {  # the ablations that choose the defaults
     "ccmaes": {"coarse_sampler": "cmaes"},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
     # the tool's --pruner auto (the quick protocol asks for median): median in a TPE stage, none in a CMA-ES one
     "auto": {"pruner": "auto"},
+    # trials worse than the uniform allocation at the same window stopped, besides the median rule
+    # (its stopped trials cost an eighth: room for 400 trials, so the 50-evaluation budget is what binds)
+    "baseline": {"pruner": "baseline", "n_trials": 400},
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
@@ -344,7 +347,8 @@ class Bench:
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
         tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler") if k in v}  # else SearchConfig's
-        n_trials = max(a.n_trials, 2 * budget)  # stopped trials cost a fraction: room for the whole budget
+        # stopped trials cost a fraction: room for the whole budget
+        n_trials = max(v.pop("n_trials", a.n_trials), 2 * budget)
         num_layers = self.model.config.num_hidden_layers
         cfg = SearchConfig(target=target, kind="sparsity", granularity=v["granularity"],
                            num_blocks=min(8, max(1, num_layers // 2)), sparsity_range=v["range"],
@@ -566,6 +570,7 @@ def markdown(cells: dict, tag: str) -> str:
             unpruned = " unpruned" if c.get("coarse_pruner") == "none" and c.get("pruner") != "none" else ""
             sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']}{unpruned})"
                                       if c.get("coarse_sampler") not in (None, "tpe") else "")
+            sampler += ", baseline pruner" if c.get("pruner") == "baseline" else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {sampler}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")

@@ -22,6 +22,7 @@ from lib.prune import check_sparsity, prune_optspa
 from lib.masks import unpack
 from lib.oneshot import DenseSnapshot, dense_input_stats
 from lib.search import run_search
+from lib.samplers import make_pruner
 from lib.study import open_storage
 from lib.search_space import (SearchConfig, SearchError, SearchSpace, band_bytes_estimate, module_shapes,
                               profile_counts, realize, realized_sparsity)
@@ -951,3 +952,55 @@ def test_sparsity_search_on_an_already_pruned_model_warns(tiny_llama, data_dir, 
     with caplog.at_level("WARNING", logger="lib.search"):
         TrialRunner(lm.model, cfg, space, None, Objective(lm.model, ids, 32, 1, "cpu", False), "cpu", False)
     assert "already 50.0% zeros" in caplog.text
+
+
+def test_baseline_pruner_stops_what_is_worse_than_trial_0_at_the_same_step():
+    """The median rule waits for five finished trials and then compares with their median, which early in a
+    search is the median of random draws far worse than uniform; the baseline rule compares with trial 0."""
+    study = optuna.create_study(pruner=make_pruner("baseline", 8))
+
+    def run(values, complete=True):
+        t = study.ask()
+        for step, v in enumerate(values, 1):
+            t.report(v, step)
+        stop = t.should_prune()
+        if complete:
+            study.tell(t, values[-1])
+        return stop
+
+    first = study.ask()  # trial 0 still running (another worker): no baseline yet, the median rule decides
+    first.report(10.0, 1)
+    assert not run([50.0], complete=False)
+    first.report(12.0, 2)
+    study.tell(first, 12.0)
+    assert run([9.5, 12.5])  # better than trial 0 after one window, worse after two
+    assert not run([9.0, 11.0])  # better at every step
+    assert not run([10.0])  # a tie is not worse
+    assert run([80.0]) and run([11.0])  # worse after one window: stopped at the first step the warm-up allows
+
+    study = optuna.create_study(pruner=make_pruner("baseline", 64))  # reports every 8 windows of 64
+    first = study.ask()
+    first.report(10.0, 8)
+    first.report(10.0, 16)
+    study.tell(first, 10.0)
+    t = study.ask()
+    assert not t.should_prune()  # nothing reported yet
+    t.report(1e6, 8)
+    assert not t.should_prune()  # warm-up: not before step 15
+    t.report(1e6, 16)
+    assert t.should_prune()
+
+
+def test_a_baseline_pruned_search_stops_draws_worse_than_uniform_before_the_median_rule_can(
+        tiny_llama, data_dir, tmp_path):
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend_layer", n_trials=12,
+                       pruner="baseline", objective_nsamples=8, sparsity_range=0.3, seed=1)
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    base = study.trials[0].intermediate_values
+    complete_before = lambda n: sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials[:n])  # noqa: E731
+    early = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED and complete_before(t.number) < 5]
+    assert early  # the median rule (five finished trials first) could not have stopped these
+    for t in early:
+        assert t.intermediate_values[t.last_step] > base[t.last_step]
+    assert r.trials[r.best_trial]["state"] == "COMPLETE"
+    assert r.cost_evals == pytest.approx(sum(t["windows"] or 0 for t in r.trials) / 8)
