@@ -259,10 +259,9 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
     warmup = max(1, nwin // 4) - 1
     if name == "none":
         return optuna.pruners.NopPruner()
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
-    if name == "baseline":
-        return BaselinePruner(optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup), warmup)
+    if name in ("median", "baseline"):
+        median = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup)
+        return median if name == "median" else BaselinePruner(median, warmup)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, nwin // 4), reduction_factor=3)
     raise ValueError(f"unknown pruner {name!r}")
