@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna sampler: tpe (default, as the paper), gp, cmaes, evolution (EvoPress-style level "
                         "switches), random")
     s.add_argument("--pruner", default="auto", choices=["auto", *PRUNERS],
-                   help="Optuna pruner that stops hopeless trials from their running objective: median, halving, "
-                        "baseline (median, and a trial worse than the uniform allocation, trial 0, at the same "
+                   help="Optuna pruner that stops hopeless trials from their running objective: median (Optuna's "
+                        "MedianPruner: a trial's best value so far against the median), running (the median rule "
+                        "on the value at the current window), halving, baseline (median, and a trial worse than the uniform allocation, trial 0, at the same "
                         "window is stopped), none; auto (default): median, none with gp and cmaes and in a "
                         "--coarse_sampler cmaes trend stage (they learn from complete trials only)")
     s.add_argument("--search_seed", type=int, default=None,

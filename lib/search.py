@@ -307,7 +307,9 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         if not feasible:  # cannot happen by construction; loud if it ever does
             logger.error("trial %d misses the budget: mean %s realized %s kv %s", trial.number, mean, realized, kv_avg)
         trend_stage = cfg.granularity == "trend_layer" and space.is_trend_trial(trial.params)
-        should_stop = None if (cfg.coarse_pruner if trend_stage else cfg.pruner) == "none" else trial.should_prune
+        rule = cfg.coarse_pruner if trend_stage else cfg.pruner
+        trial.set_user_attr("pruner", rule)  # the stopping rule this trial was judged by (stages may differ)
+        should_stop = None if rule == "none" else trial.should_prune
         try:
             value = runner.score(alloc, lambda step, v: trial.report(v, step), should_stop)
         except Stopped as stop:

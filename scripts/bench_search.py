@@ -62,6 +62,7 @@ VARIANTS = {  # the ablations that choose the defaults
     # trials worse than the uniform allocation at the same window stopped, besides the median rule
     # (its stopped trials cost an eighth: room for 400 trials, so the 50-evaluation budget is what binds)
     "baseline": {"pruner": "baseline", "n_trials": 400},
+    "running": {"pruner": "running", "n_trials": 400},
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
@@ -92,6 +93,19 @@ def machine(threads: int | None) -> str:
 
     return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"{threads or torch.get_num_threads()} threads")
+
+
+def versions() -> dict:
+    """The libraries a cell's numbers depend on (a sampler's draws change between Optuna releases)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "optuna", "cmaes", "scipy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def split_c4(data_dir: str, work: str, val_docs: int) -> str:
@@ -245,6 +259,7 @@ class Bench:
         t0 = time.perf_counter()
         res = fn()
         res.update({"cell": name, "seconds": time.perf_counter() - t0, "machine": machine(self.args.threads),
+                    "versions": versions(),
                     "nsamples": self.args.nsamples, "seqlen": self.seqlen,
                     "calibration": calibration_of(self.args, self.seqlen)})
         if not res.pop("skip_eval", False):
@@ -570,7 +585,7 @@ def markdown(cells: dict, tag: str) -> str:
             unpruned = " unpruned" if c.get("coarse_pruner") == "none" and c.get("pruner") != "none" else ""
             sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']}{unpruned})"
                                       if c.get("coarse_sampler") not in (None, "tpe") else "")
-            sampler += ", baseline pruner" if c.get("pruner") == "baseline" else ""
+            sampler += f", {c['pruner']} pruner" if c.get("pruner") in ("baseline", "running") else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {sampler}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
