@@ -1062,6 +1062,7 @@ def test_a_running_pruned_search_records_its_rule_and_counts_stopped_windows(tin
                        pruner="running", objective_nsamples=8, sparsity_range=0.3, seed=1)
     study = optuna.load_study(study_name=r.study_name, storage=r.storage)
     assert {t.user_attrs["pruner"] for t in study.trials if t.intermediate_values} == {"running"}
+    assert {t["pruner"] for t in r.trials if t["windows"]} == {"running"}  # the trials CSV's rows carry it too
     complete = optuna.trial.TrialState.COMPLETE
     for t in study.trials:  # one worker: the trials finished before t are the lower-numbered ones
         done = [o for o in study.trials[:t.number] if o.state == complete]
