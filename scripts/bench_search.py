@@ -96,10 +96,20 @@ def machine(threads: int | None) -> str:
 
 
 def versions() -> dict:
-    """The libraries a cell's numbers depend on (a sampler's draws change between Optuna releases)."""
+    """The libraries and CPU a cell's numbers depend on: seeded draws move between releases, and float kernels
+    between CPUs (a mask sorted from scores flips near-ties)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {}
+    out = {"cpu": platform.processor() or None}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            out["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                              out["cpu"])
+    except OSError:
+        pass
+    import torch
+
+    out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # which kernels torch dispatched to
     for pkg in ("torch", "transformers", "optuna", "cmaes", "scipy"):
         try:
             out[pkg] = version(pkg)
