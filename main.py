@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pruner", default="auto", choices=["auto", *PRUNERS],
                    help="Optuna pruner that stops hopeless trials from their running objective: median (Optuna's "
                         "MedianPruner: a trial's best value so far against the median), running (the median rule "
-                        "on the value at the current window), halving, baseline (median, and a trial worse than the uniform allocation, trial 0, at the same "
-                        "window is stopped), none; auto (default): median, none with gp and cmaes and in a "
-                        "--coarse_sampler cmaes trend stage (they learn from complete trials only)")
+                        "on the value at the current window), halving, baseline (median, and a trial worse than "
+                        "the uniform allocation, trial 0, at the same window is stopped), none; auto (default): "
+                        "median, none with gp and cmaes and in a --coarse_sampler cmaes trend stage (they learn "
+                        "from complete trials only)")
     s.add_argument("--search_seed", type=int, default=None,
                    help="sampler seed (default --seed); every trial draws from (seed, trial number), so workers "
                         "sharing a study never repeat each other's points")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import warnings
 from typing import Any, Callable
 
@@ -277,11 +278,10 @@ class RunningMedianPruner(optuna.pruners.BasePruner):
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(done) < self._n_startup_trials:
             return False
-        others = sorted(v for t in done if not math.isnan(v := t.intermediate_values.get(step, math.nan)))
+        others = [v for t in done if not math.isnan(v := t.intermediate_values.get(step, math.nan))]
         if not others:
             return False
-        n = len(others)
-        median = others[n // 2] if n % 2 else (others[n // 2 - 1] + others[n // 2]) / 2
+        median = statistics.median(others)
         if study.direction == optuna.study.StudyDirection.MAXIMIZE:
             return value < median
         return value > median
@@ -304,4 +304,5 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
 
 
 __all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "coarse_popsize", "make_sampler", "make_pruner",
-           "LevelSwitchSampler", "TrialSeededSampler", "BaselinePruner", "RunningMedianPruner", "IntDistribution", "FloatDistribution"]
+           "LevelSwitchSampler", "TrialSeededSampler", "BaselinePruner", "RunningMedianPruner", "IntDistribution",
+           "FloatDistribution"]

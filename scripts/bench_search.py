@@ -100,6 +100,8 @@ def versions() -> dict:
     between CPUs (a mask sorted from scores flips near-ties)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    import torch
+
     out = {"cpu": platform.processor() or None}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -107,8 +109,6 @@ def versions() -> dict:
                               out["cpu"])
     except OSError:
         pass
-    import torch
-
     out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # which kernels torch dispatched to
     for pkg in ("torch", "transformers", "optuna", "cmaes", "scipy"):
         try:
