@@ -134,3 +134,16 @@ def test_kvafter_scores_the_searched_model_under_a_uniform_kv_cache(tiny_llama, 
     assert out["key_bits"] == out["value_bits"] == [3, 3] and out["allocation"] == "kv-after-search"
     assert out["actual_sparsity"] == src["actual_sparsity"] and out["wikitext2_test"] != src["wikitext2_test"]
     assert "then KV uniform 3 bits" in load_script("bench_search").markdown({"kv": out}, tag)
+
+
+def test_trial_stops_counts_stopped_trials_by_windows_and_refuses_an_empty_folder(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "trial_stops.py")
+    (tmp_path / "search-x.json").write_text('{"pruner": "median"}')
+    (tmp_path / "search-x.trials.csv").write_text("number,state,value,windows\n0,COMPLETE,1.0,8\n1,PRUNED,9.0,1\n"
+                                                  "2,PRUNED,9.0,1\n3,PRUNED,9.0,3\n")
+    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0
+    assert "search-x\tmedian\t1:2 3:1" in run.stdout
+    assert "total\tmedian\tafter 1 window: 2" in run.stdout and "total\tmedian\tlater: 1" in run.stdout
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "none")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
