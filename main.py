@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trend_layer: the Optuna sampler of the trend stage; the per-layer stage uses --sampler. "
                         "cmaes: a local search from the uniform allocation (default "
                         f"{SearchConfig.coarse_sampler})")
+    s.add_argument("--startup_scale", type=float, default=SearchConfig.startup_scale,
+                   help="tpe: its ten random start-up draws span this share of each sparsity range around the "
+                        f"uniform allocation instead of the whole range (default {SearchConfig.startup_scale:g})")
     s.add_argument("--sparsity_range", type=float, default=None,
                    help="ratios searched within target +- this, clipped to [0, 0.99) (default: 0.2 up to a 60%% "
                         "target, 0.3 from 70%%, linear in between; chosen by the SmolLM2 ablation)")
@@ -335,7 +338,7 @@ def search_config(args, target: float):
 
     return SearchConfig(
         target=target, kind=args.search, granularity=args.search_granularity, num_blocks=args.num_blocks or 8,
-        coarse_fraction=args.coarse_fraction, coarse_sampler=args.coarse_sampler,
+        coarse_fraction=args.coarse_fraction, coarse_sampler=args.coarse_sampler, startup_scale=args.startup_scale,
         trend_types=not args.no_trend_types,
         sparsity_range=args.sparsity_range, sparsity_step=args.sparsity_step,
         kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, kv_separate=args.kv_separate,

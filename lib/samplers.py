@@ -11,6 +11,8 @@
 * trend_layer's coarse stage may sample with CMA-ES (``coarse="cmaes"``), a local search from the uniform
   allocation, while the refine stage keeps the chosen sampler: the factory looks at the shared ``bounds``,
   which the refine stage fills in place.
+* :class:`LocalStartupTPESampler`: TPE whose random start-up draws span ``startup_scale`` of each sparsity
+  parameter's range around 0 (the uniform allocation) instead of the whole box.
 * Pruners: ``median`` (Optuna's MedianPruner on the running objective), ``running``
   (:class:`RunningMedianPruner`: the median rule on the value at the current window rather than the trial's
   best so far), ``halving`` (successive halving), ``baseline`` (:class:`BaselinePruner`: a trial worse than the
@@ -157,6 +159,36 @@ class TrialSeededSampler(BaseSampler):
             self._cache[trial.number].after_trial(study, trial, state, values)
 
 
+class LocalStartupTPESampler(optuna.samplers.TPESampler):
+    """TPE whose start-up draws (the first ``n_startup_trials`` finished trials, as TPE counts them) are uniform
+    within ``startup_scale`` of each sparsity parameter's range around 0, the uniform allocation; after the
+    start-up TPE models the whole range as usual.
+
+    Why: in trend_layer's trend stage TPE's ten uniform draws over nine numbers of +-range are most of the stage
+    (12.5 evaluations by default), and at 70% on SmolLM2 they scored 2 to 300 times the uniform allocation's
+    perplexity: the stage's best trend, around which every layer is then refined, was whichever draw happened
+    to be least bad. Only parameters whose range holds 0 strictly inside are shrunk (sparsity levels and trend
+    numbers, not KV priorities in [0, 1])."""
+
+    def __init__(self, *, startup_scale: float, seed: int, n_startup_trials: int = 10, **kwargs: Any):
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials, **kwargs)
+        self._startup_scale = startup_scale
+        self._startup_trials = n_startup_trials
+        self._startup_rng = random.Random(seed)
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        d = param_distribution
+        local = (self._startup_scale < 1 and isinstance(d, (FloatDistribution, IntDistribution))
+                 and d.low < 0 < d.high and not d.log)
+        if local and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) \
+                < self._startup_trials:
+            lo, hi = d.low * self._startup_scale, d.high * self._startup_scale
+            if isinstance(d, IntDistribution):
+                return self._startup_rng.randint(math.ceil(lo), math.floor(hi))
+            return self._startup_rng.uniform(lo, hi)
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
 def coarse_popsize(coarse_evals: float | None, dim: int) -> int:
     """CMA-ES population of a coarse stage: its standard one (4 + 3 ln dim), smaller when the stage's budget would
     not hold three generations of it (a single generation is only a random draw around the start), never under 4."""
@@ -167,9 +199,11 @@ def coarse_popsize(coarse_evals: float | None, dim: int) -> int:
 
 
 def base_sampler_factory(name: str, uniform: dict[str, Any], bounds: dict[str, tuple[int, int]],
-                         coarse: str | None = None, coarse_popsize: int | None = None) -> Callable[[int], BaseSampler]:
+                         coarse: str | None = None, coarse_popsize: int | None = None,
+                         startup_scale: float = 1.0) -> Callable[[int], BaseSampler]:
     """A factory of the chosen Optuna sampler for one seed. ``coarse``: trend_layer's coarse stage samples with
-    this one while ``bounds`` is empty (the refine stage fills it in place with the per-layer moves)."""
+    this one while ``bounds`` is empty (the refine stage fills it in place with the per-layer moves).
+    ``startup_scale``: TPE's start-up draws span that share of each sparsity range (:class:`LocalStartupTPESampler`)."""
     def make(seed: int) -> BaseSampler:
         with warnings.catch_warnings():  # multivariate TPE, GP, CMA-ES's pruned trials are "experimental"; they work
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -180,16 +214,18 @@ def base_sampler_factory(name: str, uniform: dict[str, Any], bounds: dict[str, t
                 # pruner asked for, stopped trials count by their last value.
                 return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False,
                                                     consider_pruned_trials=True, popsize=coarse_popsize)
-            return _sampler(name, seed, bounds)
+            return _sampler(name, seed, bounds, startup_scale)
     return make
 
 
-def _sampler(name: str, seed: int, bounds: dict[str, tuple[int, int]]) -> BaseSampler:
+def _sampler(name: str, seed: int, bounds: dict[str, tuple[int, int]], startup_scale: float = 1.0) -> BaseSampler:
     """One of :data:`SAMPLERS`, seeded."""
     if name == "tpe":  # multivariate models the coupled levels; constant liar spreads parallel workers;
         # group: trend_layer's two stages have different parameters (define-by-run)
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=10)
+        kw = dict(seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10)
+        if startup_scale < 1:
+            return LocalStartupTPESampler(startup_scale=startup_scale, **kw)
+        return optuna.samplers.TPESampler(**kw)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
     if name == "cmaes":  # its mean starts mid-range: level 0, the uniform allocation
@@ -203,7 +239,7 @@ def _sampler(name: str, seed: int, bounds: dict[str, tuple[int, int]]) -> BaseSa
 
 def make_sampler(name: str, seed: int, uniform: dict[str, Any], bounds: dict[str, tuple[int, int]],
                  repair_key: Callable[[dict[str, Any]], str] | None = None, coarse: str | None = None,
-                 coarse_popsize: int | None = None) -> BaseSampler:
+                 coarse_popsize: int | None = None, startup_scale: float = 1.0) -> BaseSampler:
     def switch(params: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         params = dict(params)
         names = [n for n in bounds if n in params]
@@ -217,7 +253,7 @@ def make_sampler(name: str, seed: int, uniform: dict[str, Any], bounds: dict[str
                 break
         return params
 
-    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds, coarse, coarse_popsize), seed,
+    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds, coarse, coarse_popsize, startup_scale), seed,
                               fixed=uniform, repair_key=repair_key, switch=switch)
 
 
@@ -303,6 +339,6 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
     raise ValueError(f"unknown pruner {name!r}")
 
 
-__all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "coarse_popsize", "make_sampler", "make_pruner",
-           "LevelSwitchSampler", "TrialSeededSampler", "BaselinePruner", "RunningMedianPruner", "IntDistribution",
+__all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "LocalStartupTPESampler", "coarse_popsize", "make_sampler",
+           "make_pruner", "LevelSwitchSampler", "TrialSeededSampler", "BaselinePruner", "RunningMedianPruner", "IntDistribution",
            "FloatDistribution"]

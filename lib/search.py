@@ -219,7 +219,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
 
     coarse = cfg.coarse_sampler if cfg.searches_sparsity and cfg.granularity == "trend_layer" else None
     sampler = make_sampler(cfg.sampler, cfg.seed, space.uniform_params(), bounds, repair_key, coarse,
-                           coarse_popsize(cfg.coarse_evals, len(space.trend_param_names())) if coarse else None)
+                           coarse_popsize(cfg.coarse_evals, len(space.trend_param_names())) if coarse else None,
+                           cfg.startup_scale)
     scoring = scoring_fingerprint(model, objective_ids, seqlen, objective_nsamples, calib, kv_kwargs,
                                   None if trial_kv is None else trial_kv.to_dict())
     study = open_study(cfg, name, url, space.fingerprint(), scoring, model_name, sampler,
@@ -483,6 +484,7 @@ def _profile_from_trial(t, num_layers: int, cfg: SearchConfig, base: Profile | N
                       "sampler": cfg.sampler, "pruner": cfg.pruner, "sparsity_range": cfg.sparsity_range,
                       "coarse_fraction": cfg.coarse_fraction if cfg.granularity == "trend_layer" else None,
                       "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
+                      "startup_scale": cfg.startup_scale if cfg.sampler == "tpe" else None,
                       "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
                       "kv_avg_bits": (sum(prof.key_bits + prof.value_bits) / (2 * num_layers))
                       if prof.key_bits else None})

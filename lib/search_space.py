@@ -97,6 +97,7 @@ class SearchConfig:
     num_blocks: int = 8
     coarse_fraction: float = 0.25  # trend_layer: the share of the evaluations spent on the trend
     coarse_sampler: str = "tpe"  # trend_layer: the sampler of the trend stage (the refine stage uses ``sampler``)
+    startup_scale: float = 1.0  # TPE's random start-up draws span this share of each sparsity range around 0
     trend_types: bool = True  # trend: one offset per projection type besides the depth terms
     sparsity_range: float | None = None  # None: default_sparsity_range(target)
     sparsity_step: float = 0.025
@@ -196,6 +197,8 @@ class SearchConfig:
                 raise SearchError(f"--sampler {self.sampler} models one fixed set of parameters and "
                                   "--search_granularity trend_layer (the default) changes them between its stages: "
                                   "use tpe or random, or add --search_granularity layer (or trend)")
+            if not 0 < self.startup_scale <= 1:
+                raise SearchError(f"--startup_scale {self.startup_scale} must be in (0, 1]")
             if not 0 < self.coarse_fraction < 1:
                 raise SearchError(f"coarse fraction {self.coarse_fraction} must be in (0, 1)")
             if self.method == "sparsegpt" and self.trial_mode == "oneshot":

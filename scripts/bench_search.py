@@ -56,7 +56,9 @@ VARIANTS = {  # the ablations that choose the defaults
     "sel": {"select_top": 4},  # the 4 best trials scored again on 4x the objective's windows; the best there ships
     "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
     "c0.75": {"coarse_fraction": 0.75},
-    "ccmaes": {"coarse_sampler": "cmaes"},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
+    "ccmaes": {"coarse_sampler": "cmaes"},
+    # TPE's ten random start-up draws within half of each range around the uniform allocation (default: all of it)
+    "s0.5": {"startup_scale": 0.5},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
     # the tool's --pruner auto (the quick protocol asks for median): median in a TPE stage, none in a CMA-ES one
     "auto": {"pruner": "auto"},
     # trials worse than the uniform allocation at the same window stopped, besides the median rule
@@ -354,7 +356,7 @@ class Bench:
             logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
                            path, rebuilt, src["search"]["shipped_value"])
         keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
-                "coarse_sampler", "coarse_pruner",
+                "coarse_sampler", "coarse_pruner", "startup_scale",
                 "objective", "objective_spread", "objective_text", "pruner", "trend_types", "search", "layer_sparsity",
                 "profile", "command")
         return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
@@ -371,7 +373,7 @@ class Bench:
         select_top = v.pop("select_top", 0)
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
-        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler") if k in v}  # else SearchConfig's
+        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler", "startup_scale") if k in v}  # else SearchConfig's
         # stopped trials cost a fraction: room for the whole budget
         n_trials = max(v.pop("n_trials", a.n_trials), 2 * budget)
         num_layers = self.model.config.num_hidden_layers
@@ -401,7 +403,7 @@ class Bench:
                "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
                "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
-               "sampler_seed": sampler_seed,
+               "sampler_seed": sampler_seed, "startup_scale": cfg.startup_scale,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,
@@ -596,6 +598,7 @@ def markdown(cells: dict, tag: str) -> str:
             sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']}{unpruned})"
                                       if c.get("coarse_sampler") not in (None, "tpe") else "")
             sampler += f", {c['pruner']} pruner" if c.get("pruner") in ("baseline", "running") else ""
+            sampler += f", start-up within {c['startup_scale']:g} of the range" if c.get("startup_scale", 1) < 1 else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {sampler}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")

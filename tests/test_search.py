@@ -781,6 +781,8 @@ BAD = {
     "coarse fraction of 1": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
                               "trend_layer", "--coarse_fraction", "1"], "coarse"),
     "owl without pruning": (["--layer_allocation", "owl"], "owl"),
+    "startup scale of 0": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--startup_scale", "0"],
+                           "startup_scale"),
     "owl with search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
                          "--layer_allocation", "owl"], "owl"),
     "more blocks than layers": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
@@ -1073,3 +1075,39 @@ def test_a_running_pruned_search_records_its_rule_and_counts_stopped_windows(tin
             assert worse == (t.state == optuna.trial.TrialState.PRUNED and step == t.last_step)
     assert r.trials[r.best_trial]["state"] == "COMPLETE"
     assert r.cost_evals == pytest.approx(sum(t["windows"] or 0 for t in r.trials) / 8)
+
+
+def test_local_startup_draws_span_the_scale_then_tpe_models_the_whole_range():
+    """--startup_scale: TPE's ten start-up draws lie within the scale of each range around 0 (floats and integer
+    levels), a parameter whose range does not hold 0 inside (a KV priority) keeps Optuna's uniform draw, and after
+    the start-up TPE proposes over the whole range again; one seed gives the same draws."""
+    from lib.samplers import make_sampler
+
+    def run(seed):
+        study = optuna.create_study(sampler=make_sampler("tpe", seed, {"a": 0.0, "n": 0, "p": 0.5}, {},
+                                                         startup_scale=0.25))
+
+        def f(t):
+            a, n, p = t.suggest_float("a", -0.4, 0.4), t.suggest_int("n", -8, 8), t.suggest_float("p", 0.0, 1.0)
+            return (a - 0.35) ** 2 + (n + 7) ** 2 + p
+
+        study.optimize(f, n_trials=30)
+        return study.trials
+
+    trials = run(3)
+    startup, later = trials[1:10], trials[10:]
+    assert all(abs(t.params["a"]) <= 0.1 and abs(t.params["n"]) <= 2 for t in startup)
+    assert max(t.params["p"] for t in startup) > 0.25  # not shrunk: its range does not hold 0 inside
+    assert any(abs(t.params["a"]) > 0.1 or abs(t.params["n"]) > 2 for t in later)  # the whole range again
+    assert [t.params for t in run(3)] == [t.params for t in trials]
+
+
+def test_a_trend_stage_with_local_startup_draws_near_uniform(tiny_llama, data_dir, tmp_path):
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend_layer", n_trials=6,
+                       coarse_fraction=0.9, sparsity_range=0.3, startup_scale=0.5, seed=4, pruner="none")
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    trend = [t for t in study.trials if "trend_slope" in t.params]
+    assert len(trend) == 6 and all(t.user_attrs["feasible"] for t in trend)
+    assert all(abs(v) <= 0.15 + 1e-12 for t in trend for n, v in t.params.items() if n.startswith("trend_"))
+    assert any(abs(v) > 0.01 for t in trend[1:] for v in t.params.values())
+    assert r.profile.meta["startup_scale"] == 0.5
