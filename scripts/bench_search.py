@@ -57,8 +57,9 @@ VARIANTS = {  # the ablations that choose the defaults
     "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
     "c0.75": {"coarse_fraction": 0.75},
     "ccmaes": {"coarse_sampler": "cmaes"},
-    # TPE's ten random start-up draws within half of each range around the uniform allocation (default: all of it)
-    "s0.5": {"startup_scale": 0.5},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
+    # TPE's ten random start-up draws within half of each range around the uniform allocation (default: all of it);
+    # its good start-up makes the median rule stop many trials after one window: room for the whole budget
+    "s0.5": {"startup_scale": 0.5, "n_trials": 400},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
     # the tool's --pruner auto (the quick protocol asks for median): median in a TPE stage, none in a CMA-ES one
     "auto": {"pruner": "auto"},
     # trials worse than the uniform allocation at the same window stopped, besides the median rule
