@@ -340,5 +340,5 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
 
 
 __all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "LocalStartupTPESampler", "coarse_popsize", "make_sampler",
-           "make_pruner", "LevelSwitchSampler", "TrialSeededSampler", "BaselinePruner", "RunningMedianPruner", "IntDistribution",
-           "FloatDistribution"]
+           "make_pruner", "LevelSwitchSampler", "TrialSeededSampler", "BaselinePruner", "RunningMedianPruner",
+           "IntDistribution", "FloatDistribution"]

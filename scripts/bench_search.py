@@ -56,10 +56,10 @@ VARIANTS = {  # the ablations that choose the defaults
     "sel": {"select_top": 4},  # the 4 best trials scored again on 4x the objective's windows; the best there ships
     "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
     "c0.75": {"coarse_fraction": 0.75},
-    "ccmaes": {"coarse_sampler": "cmaes"},
+    "ccmaes": {"coarse_sampler": "cmaes"},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
     # TPE's ten random start-up draws within half of each range around the uniform allocation (default: all of it);
     # its good start-up makes the median rule stop many trials after one window: room for the whole budget
-    "s0.5": {"startup_scale": 0.5, "n_trials": 400},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
+    "s0.5": {"startup_scale": 0.5, "n_trials": 400},
     # the tool's --pruner auto (the quick protocol asks for median): median in a TPE stage, none in a CMA-ES one
     "auto": {"pruner": "auto"},
     # trials worse than the uniform allocation at the same window stopped, besides the median rule
@@ -374,7 +374,8 @@ class Bench:
         select_top = v.pop("select_top", 0)
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
-        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler", "startup_scale") if k in v}  # else SearchConfig's
+        # else SearchConfig's
+        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler", "startup_scale") if k in v}
         # stopped trials cost a fraction: room for the whole budget
         n_trials = max(v.pop("n_trials", a.n_trials), 2 * budget)
         num_layers = self.model.config.num_hidden_layers
