@@ -165,9 +165,10 @@ class LocalStartupTPESampler(optuna.samplers.TPESampler):
     start-up TPE models the whole range as usual.
 
     Why: in trend_layer's trend stage TPE's ten uniform draws over nine numbers of +-range are most of the stage
-    (12.5 evaluations by default), and at 70% on SmolLM2 they scored 2 to 300 times the uniform allocation's
-    perplexity: the stage's best trend, around which every layer is then refined, was whichever draw happened
-    to be least bad. Only parameters whose range holds 0 strictly inside are shrunk (sparsity levels and trend
+    (12.5 evaluations by default), and at 70% on SmolLM2 most of them scored 2 to 300 times the uniform
+    allocation's perplexity: the stage's best trend, around which every layer is then refined, was whichever
+    draw happened to be least bad. (Measured: it narrows the spread over sampler seeds without raising the
+    result; README, "Search results".) Only parameters whose range holds 0 strictly inside are shrunk (sparsity levels and trend
     numbers, not KV priorities in [0, 1])."""
 
     def __init__(self, *, startup_scale: float, seed: int, n_startup_trials: int = 10, **kwargs: Any):
