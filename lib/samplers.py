@@ -168,8 +168,8 @@ class LocalStartupTPESampler(optuna.samplers.TPESampler):
     (12.5 evaluations by default), and at 70% on SmolLM2 most of them scored 2 to 300 times the uniform
     allocation's perplexity: the stage's best trend, around which every layer is then refined, was whichever
     draw happened to be least bad. (Measured: it narrows the spread over sampler seeds without raising the
-    result; README, "Search results".) Only parameters whose range holds 0 strictly inside are shrunk (sparsity levels and trend
-    numbers, not KV priorities in [0, 1])."""
+    result; README, "Search results".) Only parameters whose range holds 0 strictly inside are shrunk
+    (sparsity levels and trend numbers, not KV priorities in [0, 1])."""
 
     def __init__(self, *, startup_scale: float, seed: int, n_startup_trials: int = 10, **kwargs: Any):
         super().__init__(seed=seed, n_startup_trials=n_startup_trials, **kwargs)
@@ -204,7 +204,8 @@ def base_sampler_factory(name: str, uniform: dict[str, Any], bounds: dict[str, t
                          startup_scale: float = 1.0) -> Callable[[int], BaseSampler]:
     """A factory of the chosen Optuna sampler for one seed. ``coarse``: trend_layer's coarse stage samples with
     this one while ``bounds`` is empty (the refine stage fills it in place with the per-layer moves).
-    ``startup_scale``: TPE's start-up draws span that share of each sparsity range (:class:`LocalStartupTPESampler`)."""
+    ``startup_scale``: TPE's start-up draws span that share of each sparsity range
+    (:class:`LocalStartupTPESampler`)."""
     def make(seed: int) -> BaseSampler:
         with warnings.catch_warnings():  # multivariate TPE, GP, CMA-ES's pruned trials are "experimental"; they work
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -254,8 +255,8 @@ def make_sampler(name: str, seed: int, uniform: dict[str, Any], bounds: dict[str
                 break
         return params
 
-    return TrialSeededSampler(base_sampler_factory(name, uniform, bounds, coarse, coarse_popsize, startup_scale), seed,
-                              fixed=uniform, repair_key=repair_key, switch=switch)
+    factory = base_sampler_factory(name, uniform, bounds, coarse, coarse_popsize, startup_scale)
+    return TrialSeededSampler(factory, seed, fixed=uniform, repair_key=repair_key, switch=switch)
 
 
 class BaselinePruner(optuna.pruners.BasePruner):

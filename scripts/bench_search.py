@@ -600,7 +600,8 @@ def markdown(cells: dict, tag: str) -> str:
             sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']}{unpruned})"
                                       if c.get("coarse_sampler") not in (None, "tpe") else "")
             sampler += f", {c['pruner']} pruner" if c.get("pruner") in ("baseline", "running") else ""
-            sampler += f", start-up within {c['startup_scale']:g} of the range" if c.get("startup_scale", 1) < 1 else ""
+            scale = c.get("startup_scale", 1)
+            sampler += f", start-up within {scale:g} of the range" if scale < 1 else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {sampler}, "
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
