@@ -357,7 +357,8 @@ class Bench:
             logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
                            path, rebuilt, src["search"]["shipped_value"])
         keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
-                "coarse_sampler", "coarse_pruner", "startup_scale",
+                "coarse_sampler", "coarse_pruner", "startup_scale", "coarse_fraction", "sampler_seed", "select_top",
+                "reprune_top",
                 "objective", "objective_spread", "objective_text", "pruner", "trend_types", "search", "layer_sparsity",
                 "profile", "command")
         return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
