@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_GRANULARITY})")
     s.add_argument("--no_trend_types", action="store_true",
                    help="trend, trend_layer: the depth terms only, one ratio per layer (the ablation)")
-    s.add_argument("--coarse_fraction", type=float, default=0.25,
+    s.add_argument("--coarse_fraction", type=float, default=None,
                    help="trend_layer: share of the evaluations (of --n_trials without --search_budget) spent on "
-                        "the trend before the per-layer refinement (default 0.25)")
+                        "the trend before the per-layer refinement (default: 0.25 up to a 50%% target, 0.5 from "
+                        "60%%, linear in between; chosen by the SmolLM2 ablation)")
     s.add_argument("--coarse_sampler", default=SearchConfig.coarse_sampler, choices=list(COARSE_SAMPLERS),
                    help="trend_layer: the Optuna sampler of the trend stage; the per-layer stage uses --sampler. "
                         "cmaes: a local search from the uniform allocation (default "

@@ -262,13 +262,16 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         use_center(stored)
 
     refine_stage()  # a resumed study refines where it left off
+    units = ""
+    if cfg.searches_sparsity:
+        units = f"; {cfg.granularity} units within {cfg.target:g} +- {cfg.sparsity_range:g}"
+        if cfg.granularity == "trend_layer":
+            units += f", the trend for {cfg.coarse_fraction:g} of the evaluations"
     logger.info("study '%s' (%s): %d of %d trials finished; %s sampler, %s pruner, objective %s on %d windows of %d%s",
                 name, url.split("@")[-1], done, cfg.n_trials,
                 cfg.sampler + (f" (trend stage: {coarse})" if coarse and coarse != cfg.sampler else ""),
                 cfg.pruner + (f" (trend stage: {cfg.coarse_pruner})" if coarse and cfg.coarse_pruner != cfg.pruner
-                              else ""), cfg.objective, nwin, seqlen,
-                f"; {cfg.granularity} units within {cfg.target:g} +- {cfg.sparsity_range:g}"
-                if cfg.searches_sparsity else "")
+                              else ""), cfg.objective, nwin, seqlen, units)
     runner = TrialRunner(model, cfg, space, calib, objective, device, offload, kv_kwargs, trial_kv)
     memory = runner.memory()
     logger.info("the search holds %.1f MiB besides the model: oneshot band %.2fx and host snapshot %.2fx the "

@@ -106,10 +106,7 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
     where = url.split("@")[-1]
     have = study.user_attrs.get("space")
     if have is not None and have != space_fingerprint:
-        theirs = study.user_attrs.get("sparsity_range")
-        hint = (f" (it searched +-{theirs:g}, this run +-{cfg.sparsity_range:g}: the default range grows with the "
-                f"target; pass --sparsity_range {theirs:g} to resume it)"
-                if cfg.searches_sparsity and theirs is not None and theirs != cfg.sparsity_range else "")
+        hint = _default_hint(cfg, study.user_attrs)
         raise SearchError(f"study '{name}' in {where} was created with other search settings or another model's "
                           f"module shapes{hint}; pass another --study_name")
     have_scoring = study.user_attrs.get("scoring")
@@ -128,4 +125,27 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
         study.set_user_attr("method", cfg.method)
         if cfg.searches_sparsity:
             study.set_user_attr("sparsity_range", cfg.sparsity_range)
+            if cfg.granularity == "trend_layer":
+                study.set_user_attr("coarse_fraction", cfg.coarse_fraction)
     return study
+
+
+def _default_hint(cfg: SearchConfig, attrs: dict) -> str:
+    """Why a study made under older defaults no longer matches (the range and the trend's share follow the
+    target now), and the flag that resumes it."""
+    if not cfg.searches_sparsity:
+        return ""
+    theirs = attrs.get("sparsity_range")
+    if theirs is not None and theirs != cfg.sparsity_range:
+        return (f" (it searched +-{theirs:g}, this run +-{cfg.sparsity_range:g}: the default range grows with the "
+                f"target; pass --sparsity_range {theirs:g} to resume it)")
+    if cfg.granularity != "trend_layer":
+        return ""
+    theirs = attrs.get("coarse_fraction")
+    if theirs is not None and theirs != cfg.coarse_fraction:
+        return (f" (it spent {theirs:g} of its evaluations on the trend, this run {cfg.coarse_fraction:g}: the "
+                f"default share follows the target; pass --coarse_fraction {theirs:g} to resume it)")
+    if theirs is None and cfg.coarse_fraction != 0.25:  # made before the share was recorded or followed the target
+        return (f" (this run spends {cfg.coarse_fraction:g} of its evaluations on the trend; studies made before "
+                "the default share followed the target spent 0.25: pass --coarse_fraction 0.25 to resume one)")
+    return ""

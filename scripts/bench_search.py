@@ -54,7 +54,8 @@ VARIANTS = {  # the ablations that choose the defaults
     "o32": {"objective_windows": 32},
     "spread": {"objective_spread": True},  # the objective windows evenly spaced over the validation split
     "sel": {"select_top": 4},  # the 4 best trials scored again on 4x the objective's windows; the best there ships
-    "c0.5": {"coarse_fraction": 0.5},  # trend_layer: half the evaluations on the trend (default a quarter)
+    # trend_layer: the trend's share of the evaluations (the tool's default: a quarter up to 50%, half from 60%)
+    "c0.25": {"coarse_fraction": 0.25}, "c0.5": {"coarse_fraction": 0.5},
     "c0.75": {"coarse_fraction": 0.75},
     "ccmaes": {"coarse_sampler": "cmaes"},  # trend_layer: CMA-ES from the uniform allocation for the trend stage
     # TPE's ten random start-up draws within half of each range around the uniform allocation (default: all of it);
@@ -595,6 +596,8 @@ def markdown(cells: dict, tag: str) -> str:
         s = c.get("search")
         if c["allocation"] == "search":
             unit = c["granularity"] + (" depth only" if c.get("trend_types") is False else "")
+            # cells made before the share was recorded ran a quarter, the only share then
+            unit += f", trend for {c.get('coarse_fraction') or 0.25:g}" if c["granularity"] == "trend_layer" else ""
             spread = " spread" if c.get("objective_spread") else ""
             spread += " WikiText-2 val" if c["objective"] == "kl" and c.get("objective_text") == "wikitext2" else ""
             unpruned = " unpruned" if c.get("coarse_pruner") == "none" and c.get("pruner") != "none" else ""
@@ -656,9 +659,8 @@ def write_profiles(cells: dict, tag: str, profiles_dir: str, variants: list[str]
 
 def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
     """One row per shipped profile, with the measured numbers of the benchmark cell that wrote it."""
-    from lib.search_space import SearchConfig
+    from lib.search_space import default_coarse_fraction
 
-    default_coarse = SearchConfig.coarse_fraction
     lines = ["| file | model | method | target | unit, range | shipped | WikiText-2 test | uniform (same method) | "
              "gap closed |", "|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(glob.glob(os.path.join(profiles_dir, "*.json"))):
@@ -669,8 +671,9 @@ def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
         cell = cells.get(meta.get("bench_cell", ""), {})
         uni = cells.get(f"uniform-{prof.get('method')}-s{prof.get('target_sparsity', 0):.2f}", {})
         gap = gap_closed(cells, cell) if cell else None
-        coarse = meta.get("coarse_fraction") or cell.get("coarse_fraction")
-        unit = meta.get("granularity") + (f" (trend for {coarse:g})" if coarse not in (None, default_coarse) else "")
+        coarse = meta.get("coarse_fraction") or cell.get("coarse_fraction") or 0.25  # unrecorded: a quarter
+        shown = meta.get("granularity") == "trend_layer" and coarse != default_coarse_fraction(prof["target_sparsity"])
+        unit = meta.get("granularity") + (f" (trend for {coarse:g})" if shown else "")
         lines.append(
             f"| `{os.path.basename(path)}` | {tag} | {prof.get('method')} | {prof.get('target_sparsity'):.2f} | "
             f"{unit}, +-{meta.get('sparsity_range')} | {meta.get('shipped')} | "

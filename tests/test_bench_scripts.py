@@ -31,6 +31,9 @@ def test_search_variants_combine_and_unknown_names_are_refused():
     # "default" is the tool's own range for the target (None: resolved per target), a variant's range wins
     assert bench.variant_settings("default") == {**bench.DEFAULT_VARIANT, "range": None}
     assert bench.variant_settings("default+r0.2")["range"] == bench.variant_settings("r0.2+default")["range"] == 0.2
+    # the trend's share is the tool's (it follows the target) unless a variant names it
+    assert "coarse_fraction" not in bench.variant_settings("default")
+    assert bench.variant_settings("default+c0.25+seed1")["coarse_fraction"] == 0.25
     with pytest.raises(argparse.ArgumentTypeError, match="unknown variant 'fast'"):
         bench.variant_settings("r0.1+fast")
 

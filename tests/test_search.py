@@ -602,6 +602,25 @@ def test_the_default_range_grows_with_the_target():
         SearchSpace(SearchConfig(target=0.7, granularity="layer", sparsity_range=0.2), _shapes(4), 4).fingerprint()
 
 
+def test_the_default_trend_share_follows_the_target(tiny_llama, data_dir, tmp_path):
+    from lib.search_space import default_coarse_fraction
+
+    assert [default_coarse_fraction(t) for t in (0.3, 0.5, 0.55, 0.6, 0.7, 0.9)] == [0.25, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert SearchConfig(target=0.7).coarse_fraction == 0.5 and SearchConfig(target=0.5).coarse_fraction == 0.25
+    assert SearchConfig(target=0.7, coarse_fraction=0.25).coarse_fraction == 0.25  # an explicit share wins
+    shapes = _shapes(4)
+    assert SearchSpace(SearchConfig(target=0.7), shapes, 4).fingerprint() != \
+        SearchSpace(SearchConfig(target=0.7, coarse_fraction=0.25), shapes, 4).fingerprint()
+    # a study made with a quarter on the trend (the default before it followed the target) is refused with the
+    # flag that resumes it, and resumes with that flag
+    kw = dict(kind="sparsity", granularity="trend_layer", sparsity_range=0.3, target=0.7, seed=2)
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, n_trials=4, coarse_fraction=0.25, **kw)
+    with pytest.raises(SearchError, match=r"it spent 0.25 of .* this run 0.5.*--coarse_fraction 0.25 to resume"):
+        _lib_search(tiny_llama, data_dir, tmp_path, n_trials=5, **kw)
+    more, _ = _lib_search(tiny_llama, data_dir, tmp_path, n_trials=5, coarse_fraction=0.25, **kw)
+    assert more.study_name == r.study_name and len(more.trials) == 5
+
+
 # ------------------------------------------------------------------------------------ command line
 def test_prune_method_optspa_means_search_then_prune(tiny_llama, data_dir, tmp_path, capsys):
     base = _args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.5", "--n_trials", "3")
@@ -611,9 +630,9 @@ def test_prune_method_optspa_means_search_then_prune(tiny_llama, data_dir, tmp_p
     res = json.load(open(tmp_path / "s" / "results_optspa.json"))
     assert res["search"]["shipped"] in ("oneshot", "sequential") and res["search"]["complete_trials"] >= 1
     # no --sparsity_range: the target's default, said in the log and kept in the profile
-    assert "trend_layer units within 0.5 +- 0.2" in out
+    assert "trend_layer units within 0.5 +- 0.2, the trend for 0.25 of the evaluations" in out
     prof = json.load(open(tmp_path / "s" / "profile_optspa_unstructured_s0.50.json"))
-    assert prof["meta"]["sparsity_range"] == 0.2
+    assert prof["meta"]["sparsity_range"] == 0.2 and prof["meta"]["coarse_fraction"] == 0.25
     # The ablation: the uniform metric, no search.
     code, out, err = run_cli([*base, "--layer_allocation", "uniform", "--save", str(tmp_path / "u")], capsys)
     assert code == 0, err
