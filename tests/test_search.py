@@ -619,6 +619,10 @@ def test_the_default_trend_share_follows_the_target(tiny_llama, data_dir, tmp_pa
         _lib_search(tiny_llama, data_dir, tmp_path, n_trials=5, **kw)
     more, _ = _lib_search(tiny_llama, data_dir, tmp_path, n_trials=5, coarse_fraction=0.25, **kw)
     assert more.study_name == r.study_name and len(more.trials) == 5
+    # a study made before the share was recorded names the old default too
+    optuna.load_study(study_name=r.study_name, storage=r.storage).set_user_attr("coarse_fraction", None)
+    with pytest.raises(SearchError, match=r"this run spends 0.5 .* spent 0.25: pass --coarse_fraction 0.25"):
+        _lib_search(tiny_llama, data_dir, tmp_path, n_trials=6, **kw)
 
 
 # ------------------------------------------------------------------------------------ command line
