@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the uniform allocation, trial 0, at the same window is stopped), none; auto (default): "
                         "median, none with gp and cmaes and in a --coarse_sampler cmaes trend stage (they learn "
                         "from complete trials only)")
+    s.add_argument("--coarse_pruner", default="auto", choices=["auto", *PRUNERS],
+                   help="trend_layer: the pruner of the trend stage; the per-layer stage uses --pruner. auto "
+                        "(default): as --pruner (with --pruner auto: none in a --coarse_sampler cmaes stage)")
     s.add_argument("--search_seed", type=int, default=None,
                    help="sampler seed (default --seed); every trial draws from (seed, trial number), so workers "
                         "sharing a study never repeat each other's points")
@@ -345,7 +348,8 @@ def search_config(args, target: float):
         kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, kv_separate=args.kv_separate,
         n_trials=args.n_trials, budget_evals=args.search_budget,
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
-        method=args.prune_method, sampler=args.sampler, pruner=args.pruner, reprune_top=args.reprune_top,
+        method=args.prune_method, sampler=args.sampler, pruner=args.pruner, coarse_pruner=args.coarse_pruner,
+        reprune_top=args.reprune_top,
         select_top=args.select_top, select_nsamples=args.select_nsamples, objective=args.objective,
         storage=args.storage, study_name=args.study_name, save_dir=args.save,
         batch_size=args.eval_batch_size, blocksize=args.blocksize, percdamp=args.percdamp)

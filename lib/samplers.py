@@ -325,9 +325,24 @@ class RunningMedianPruner(optuna.pruners.BasePruner):
         return value > median
 
 
-def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
+class StagePruner(optuna.pruners.BasePruner):
+    """One pruner per stopping rule; each trial is judged by the rule named in its ``pruner`` user attribute (set
+    before it reports), so trend_layer's two stages may stop trials by different rules in one study."""
+
+    def __init__(self, rules: dict[str, optuna.pruners.BasePruner], fallback: str):
+        self._rules = rules
+        self._fallback = fallback
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        return self._rules[trial.user_attrs.get("pruner", self._fallback)].prune(study, trial)
+
+
+def make_pruner(name: str, nwin: int, coarse: str | None = None) -> optuna.pruners.BasePruner:
     """Steps are windows scored. A trial may be stopped from step ``nwin // 4 - 1`` on (at least 1): after its
-    first window with 8 objective windows (every window is a step there), after 16 of 64 (steps of 8)."""
+    first window with 8 objective windows (every window is a step there), after 16 of 64 (steps of 8).
+    ``coarse``: the trend stage's rule where it differs from ``name``."""
+    if coarse is not None and coarse != name:
+        return StagePruner({r: make_pruner(r, nwin) for r in (name, coarse)}, name)
     warmup = max(1, nwin // 4) - 1
     if name == "none":
         return optuna.pruners.NopPruner()
@@ -343,4 +358,5 @@ def make_pruner(name: str, nwin: int) -> optuna.pruners.BasePruner:
 
 __all__ = ["SAMPLERS", "COARSE_SAMPLERS", "PRUNERS", "LocalStartupTPESampler", "coarse_popsize", "make_sampler",
            "make_pruner", "LevelSwitchSampler", "TrialSeededSampler", "BaselinePruner", "RunningMedianPruner",
+           "StagePruner",
            "IntDistribution", "FloatDistribution"]

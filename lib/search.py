@@ -224,7 +224,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     scoring = scoring_fingerprint(model, objective_ids, seqlen, objective_nsamples, calib, kv_kwargs,
                                   None if trial_kv is None else trial_kv.to_dict())
     study = open_study(cfg, name, url, space.fingerprint(), scoring, model_name, sampler,
-                       make_pruner(cfg.pruner, nwin))
+                       make_pruner(cfg.pruner, nwin, cfg.coarse_pruner if coarse else None))
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
     def trials(states=finished_states):

@@ -119,9 +119,9 @@ class SearchConfig:
     method: str = "optspa"
     sampler: str = "tpe"
     pruner: str = "auto"  # auto: median, or none for samplers that learn from complete trials only (gp, cmaes)
-    # trend_layer's trend stage: the pruner asked for, or with auto the rule for its own sampler (so a CMA-ES
-    # trend stage runs unpruned while the TPE refine stage stops hopeless trials); set from ``pruner``
-    coarse_pruner: str = field(default="", init=False)
+    # trend_layer's trend stage: auto follows ``pruner``, and with ``pruner`` auto takes the rule for its own
+    # sampler (so a CMA-ES trend stage runs unpruned while the TPE refine stage stops hopeless trials)
+    coarse_pruner: str = "auto"
     reprune_top: int = 1
     select_top: int = 0  # after the search: the K best trials scored again on more windows, the best of them ships
     select_nsamples: int | None = None  # the selection's windows; None: 4x the objective's
@@ -139,11 +139,10 @@ class SearchConfig:
             self.sparsity_range = default_sparsity_range(self.target)
         if self.coarse_fraction is None:
             self.coarse_fraction = default_coarse_fraction(self.target)
+        if self.coarse_pruner == "auto":
+            self.coarse_pruner = default_pruner(self.coarse_sampler) if self.pruner == "auto" else self.pruner
         if self.pruner == "auto":
             self.pruner = default_pruner(self.sampler)
-            self.coarse_pruner = default_pruner(self.coarse_sampler)
-        else:
-            self.coarse_pruner = self.pruner
 
     @property
     def coarse_evals(self) -> float:
@@ -182,6 +181,8 @@ class SearchConfig:
                               f"{', '.join(COARSE_SAMPLERS)})")
         if self.pruner not in PRUNERS:
             raise SearchError(f"unknown --pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
+        if self.coarse_pruner not in PRUNERS:
+            raise SearchError(f"unknown --coarse_pruner {self.coarse_pruner!r} (choose from {', '.join(PRUNERS)})")
         if self.n_trials < 1:
             raise SearchError("--n_trials must be at least 1")
         if self.budget_evals is not None and self.budget_evals <= 0:

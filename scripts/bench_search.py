@@ -67,6 +67,9 @@ VARIANTS = {  # the ablations that choose the defaults
     # (its stopped trials cost an eighth: room for 400 trials, so the 50-evaluation budget is what binds)
     "baseline": {"pruner": "baseline", "n_trials": 400},
     "running": {"pruner": "running", "n_trials": 400},
+    # trend_layer: the baseline rule in the trend stage only, the median rule in the per-layer stage (the baseline
+    # rule found better trends at 70% but stopped per-layer trials on one window's noise)
+    "cbaseline": {"coarse_pruner": "baseline", "n_trials": 400},
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
@@ -377,7 +380,8 @@ class Bench:
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
         # else SearchConfig's
-        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler", "startup_scale") if k in v}
+        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale")
+                         if k in v}
         # stopped trials cost a fraction: room for the whole budget
         n_trials = max(v.pop("n_trials", a.n_trials), 2 * budget)
         num_layers = self.model.config.num_hidden_layers
@@ -604,6 +608,9 @@ def markdown(cells: dict, tag: str) -> str:
             sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']}{unpruned})"
                                       if c.get("coarse_sampler") not in (None, "tpe") else "")
             sampler += f", {c['pruner']} pruner" if c.get("pruner") in ("baseline", "running") else ""
+            coarse_rule = c.get("coarse_pruner")
+            sampler += (f" ({coarse_rule} in the trend stage)" if coarse_rule in ("baseline", "running")
+                        and coarse_rule != c.get("pruner") else "")
             scale = c.get("startup_scale", 1)
             sampler += f", start-up within {scale:g} of the range" if scale < 1 else ""
             name = (f"search {c['variant']} ({unit}, +-{c['range']:g}, {sampler}, "

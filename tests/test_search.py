@@ -514,6 +514,31 @@ def test_auto_runs_a_cmaes_trend_stage_unpruned_and_prunes_the_refine_stage(tiny
             assert stopped  # the same stage with the median rule stops some
 
 
+def test_coarse_pruner_judges_the_trend_stage_and_pruner_the_refine_stage(tiny_llama, data_dir, tmp_path):
+    """--coarse_pruner baseline with --pruner median: every trend trial that ran to the end was never worse than
+    the uniform trial 0 at any window the rule looks at (the baseline rule would have stopped it), and the
+    per-layer trials are judged by the median rule."""
+    assert SearchConfig(target=0.5, coarse_pruner="baseline").pruner == "median"
+    assert SearchConfig(target=0.5, coarse_pruner="baseline").coarse_pruner == "baseline"
+    assert SearchConfig(target=0.5, pruner="running").coarse_pruner == "running"  # auto follows --pruner
+    with pytest.raises(SearchError, match="coarse_pruner"):
+        SearchConfig(target=0.5, coarse_pruner="hopeful").check()
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend_layer", n_trials=24,
+                       coarse_fraction=0.5, sparsity_range=0.3, objective_nsamples=8, pruner="median",
+                       coarse_pruner="baseline", seed=0)
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    uniform = study.trials[0].intermediate_values
+    trend = [t for t in study.trials[1:] if "trend_slope" in t.params and t.intermediate_values]
+    refine = [t for t in study.trials if "trend_slope" not in t.params and t.intermediate_values]
+    assert trend and refine
+    assert {t.user_attrs["pruner"] for t in trend} == {"baseline"}
+    assert {t.user_attrs["pruner"] for t in refine} == {"median"}
+    for t in trend:
+        if t.state.name == "COMPLETE":
+            assert all(v <= uniform[s] for s, v in t.intermediate_values.items() if s >= 1)
+    assert r.profile.meta["coarse_pruner"] == "baseline" and r.profile.meta["pruner"] == "median"
+
+
 @pytest.mark.parametrize("evals,want", [(None, 10), (12.5, 4), (25, 8), (50, 10), (3, 4)])
 def test_coarse_popsize_keeps_three_generations_in_the_stage(evals, want):
     from lib.samplers import coarse_popsize
