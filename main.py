@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search_seed", type=int, default=None,
                    help="sampler seed (default --seed); every trial draws from (seed, trial number), so workers "
                         "sharing a study never repeat each other's points")
+    s.add_argument("--restarts", type=int, default=1,
+                   help="independent searches, the sampler seeded --search_seed, +1, ...: each its own study "
+                        "(--study_name, then -restart1, ...) with its own --n_trials and --search_budget; the one "
+                        "whose shipped model scores best on the objective ships (default 1)")
     s.add_argument("--trial_mode", default="auto", choices=["auto", "oneshot", "sequential"],
                    help="oneshot: scores from dense activations once, each trial thresholds; sequential: "
                         "layer-by-layer recalibration per trial; auto: oneshot, sequential for sparsegpt")
@@ -349,7 +353,7 @@ def search_config(args, target: float):
         n_trials=args.n_trials, budget_evals=args.search_budget,
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
         method=args.prune_method, sampler=args.sampler, pruner=args.pruner, coarse_pruner=args.coarse_pruner,
-        reprune_top=args.reprune_top,
+        reprune_top=args.reprune_top, restarts=args.restarts,
         select_top=args.select_top, select_nsamples=args.select_nsamples, objective=args.objective,
         storage=args.storage, study_name=args.study_name, save_dir=args.save,
         batch_size=args.eval_batch_size, blocksize=args.blocksize, percdamp=args.percdamp)

@@ -123,6 +123,7 @@ class SearchConfig:
     # sampler (so a CMA-ES trend stage runs unpruned while the TPE refine stage stops hopeless trials)
     coarse_pruner: str = "auto"
     reprune_top: int = 1
+    restarts: int = 1  # independent searches seeded seed, seed + 1, ...; the best shipped model ships
     select_top: int = 0  # after the search: the K best trials scored again on more windows, the best of them ships
     select_nsamples: int | None = None  # the selection's windows; None: 4x the objective's
     objective: str = "ppl"
@@ -185,6 +186,8 @@ class SearchConfig:
             raise SearchError(f"unknown --coarse_pruner {self.coarse_pruner!r} (choose from {', '.join(PRUNERS)})")
         if self.n_trials < 1:
             raise SearchError("--n_trials must be at least 1")
+        if self.restarts < 1:
+            raise SearchError("--restarts must be at least 1")
         if self.budget_evals is not None and self.budget_evals <= 0:
             raise SearchError("--search_budget must be positive")
         if self.reprune_top < 0 or self.select_top < 0:

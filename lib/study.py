@@ -91,6 +91,11 @@ def default_study_name(cfg: SearchConfig, model_name: str) -> str:
     return name
 
 
+def restart_study_name(name: str, index: int) -> str:
+    """Restart 0 is the study itself (a run without restarts resumes as one of them); the others get a suffix."""
+    return name if index == 0 else f"{name}-restart{index}"
+
+
 def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, scoring: str, model_name: str,
                sampler, pruner):
     """Create or load the study and refuse one made with another space, model or scoring data."""

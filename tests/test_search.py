@@ -323,6 +323,37 @@ def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, r
         assert torch.equal(mask, w == 0) or bool((w[mask] == 0).all())
 
 
+@pytest.mark.parametrize("seed,shipped", [(4, "oneshot"), (6, "sequential")])
+def test_restarts_are_the_separate_searches_and_the_best_shipped_model_ships(tiny_llama, data_dir, tmp_path, seed,
+                                                                              shipped):
+    """--restarts 3: three studies (the name, then -restart1, -restart2) whose trials are those of three separate
+    searches seeded seed, seed + 1 and seed + 2; the model left behind is the best of the three shipped models
+    (here a later restart's: its oneshot model, or its re-prune restored from its masks), scored as shipped."""
+    from lib.objective import Objective
+
+    kw = dict(kind="sparsity", granularity="module", n_trials=8, sparsity_range=0.3, reprune_top=1)
+    alone = [_lib_search(tiny_llama, data_dir, tmp_path / f"alone{k}", seed=seed + k, **kw)[0] for k in range(3)]
+    r, lm = _lib_search(tiny_llama, data_dir, tmp_path / "restarts", seed=seed, restarts=3, **kw)
+    names = {s.study_name for s in optuna.get_all_study_summaries(r.storage)}
+    base = alone[0].study_name
+    assert names == {base, f"{base}-restart1", f"{base}-restart2"}
+    for k, one in enumerate(alone):
+        rows = [t for t in r.trials if t["restart"] == k]
+        assert [t["value"] for t in rows] == [t["value"] for t in one.trials]
+        assert [t["layer_sparsity"] for t in rows] == [t["layer_sparsity"] for t in one.trials]
+    won = min(range(3), key=lambda k: (alone[k].shipped_value, k))
+    assert won != 0 and alone[won].shipped == shipped  # the case this parameter is for
+    assert r.shipped_value == alone[won].shipped_value and r.shipped_restart == won
+    assert r.shipped_trial == alone[won].shipped_trial and r.shipped == shipped
+    assert r.study_name == f"{base}-restart{won}"
+    assert r.cost_evals == pytest.approx(sum(one.cost_evals for one in alone))
+    assert r.profile.sparsity == alone[won].profile.sparsity
+    assert r.profile.meta["seed"] == seed + won and r.profile.meta["restarts"] == 3
+    assert r.restart_values == [one.best_value for one in alone]
+    ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    assert Objective(lm.model, ids, 32, 2, "cpu", False)() == r.shipped_value  # shipped = scored
+
+
 @pytest.mark.parametrize("reprune", [0, 1])
 def test_selection_on_more_windows_ships_the_best_of_the_top_trials_there(tiny_llama, data_dir, tmp_path, reprune):
     """--select_top K: the K best trials are scored again on more windows; the shipped model is the best of them
@@ -829,6 +860,9 @@ BAD = {
     "coarse fraction of 1": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_granularity",
                               "trend_layer", "--coarse_fraction", "1"], "coarse"),
     "owl without pruning": (["--layer_allocation", "owl"], "owl"),
+    "no restarts": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--restarts", "0"], "restarts"),
+    "unknown coarse pruner": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--coarse_pruner", "x"],
+                              "coarse_pruner"),
     "startup scale of 0": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--startup_scale", "0"],
                            "startup_scale"),
     "owl with search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "sparsity",
