@@ -608,6 +608,7 @@ def markdown(cells: dict, tag: str) -> str:
             sampler = c["sampler"] + (f" (trend: {c['coarse_sampler']}{unpruned})"
                                       if c.get("coarse_sampler") not in (None, "tpe") else "")
             sampler += f", {c['pruner']} pruner" if c.get("pruner") in ("baseline", "running") else ""
+            sampler += ", no pruner" if c.get("pruner") == "none" and c["sampler"] == "tpe" else ""
             coarse_rule = c.get("coarse_pruner")
             sampler += (f" ({coarse_rule} in the trend stage)" if coarse_rule in ("baseline", "running")
                         and coarse_rule != c.get("pruner") else "")
