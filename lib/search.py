@@ -212,7 +212,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     if cfg.searches_sparsity and cfg.granularity in ("block", "block_module") and \
             not 1 <= cfg.num_blocks <= num_layers:
         raise SearchError(f"--num_blocks {cfg.num_blocks} must be between 1 and the number of layers ({num_layers})")
-    space = SearchSpace(cfg, shapes, num_layers)
+    SearchSpace(cfg, shapes, num_layers)  # refuses an impossible space before any work; each restart has its own
     url = storage_url(cfg)
     name = cfg.study_name or default_study_name(cfg, model_name)
     objective = Objective(model, objective_ids, seqlen, objective_nsamples, device, offload, cfg.objective,
@@ -253,6 +253,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                                cfg.startup_scale)
         study = open_study(cfg, rname, url, space.fingerprint(), scoring, model_name, sampler,
                            make_pruner(cfg.pruner, nwin, cfg.coarse_pruner if coarse else None))
+
         def trials(states=finished_states):
             return study.get_trials(deepcopy=False, states=states)
 
