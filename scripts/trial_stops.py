@@ -2,7 +2,9 @@
 
     python scripts/trial_stops.py scripts/results/search_quick/smollm2-135m
 
-One line per search cell: the stopping rule (from the cell's JSON), and stopped trials counted by windows scored.
+One line per search cell: the stopping rule (from the cell's JSON), and stopped trials counted by windows scored;
+for trend_layer cells also each stage's trials, how many were stopped, and its best complete value (the trend
+stage holds the trials begun before its share of the budget was spent, as the search switches stages).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import collections
 import csv
 import glob
 import json
+import math
 import os
 import sys
 
@@ -18,6 +21,28 @@ import sys
 def stops(csv_path: str) -> collections.Counter:
     with open(csv_path, encoding="utf-8", newline="") as f:
         return collections.Counter(int(r["windows"]) for r in csv.DictReader(f) if r["state"] == "PRUNED")
+
+
+def stages(csv_path: str, cell: dict) -> str:
+    """trend_layer: "trend a/b stopped, best v; layer c/d stopped, best w" (the budget is what the search spent,
+    rounded down: it stops at the first trial that reaches it)."""
+    if cell.get("granularity") != "trend_layer" or not cell.get("search"):
+        return ""
+    share = cell.get("coarse_fraction") or 0.25  # cells made before the share was recorded ran a quarter
+    budget = math.floor(cell["search"]["cost_evals"])
+    windows = cell["search"]["objective_windows"]
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["number"]))
+    spent, out = 0.0, {"trend": [], "layer": []}
+    for r in rows:
+        out["trend" if spent < share * budget else "layer"].append(r)
+        spent += int(r["windows"] or 0) / windows
+    parts = []
+    for stage, rs in out.items():
+        done = [float(r["value"]) for r in rs if r["state"] == "COMPLETE"]
+        stopped = sum(r["state"] == "PRUNED" for r in rs)
+        parts.append(f"{stage} {stopped}/{len(rs)} stopped, best {min(done):.2f}" if done else f"{stage} -")
+    return "\t" + "; ".join(parts)
 
 
 def main() -> int:
@@ -32,11 +57,13 @@ def main() -> int:
     for path in paths:
         cell = path[: -len(".trials.csv")]
         with open(cell + ".json", encoding="utf-8") as f:
-            pruner = json.load(f).get("pruner", "?")
+            meta = json.load(f)
+        pruner = meta.get("pruner", "?")
         counts = stops(path)
         total[(pruner, "after 1 window")] += counts[1]
         total[(pruner, "later")] += sum(n for w, n in counts.items() if w > 1)
-        print(f"{os.path.basename(cell)}\t{pruner}\t" + " ".join(f"{w}:{n}" for w, n in sorted(counts.items())))
+        print(f"{os.path.basename(cell)}\t{pruner}\t" + " ".join(f"{w}:{n}" for w, n in sorted(counts.items()))
+              + stages(path, meta))
     for (pruner, when), n in sorted(total.items()):
         print(f"total\t{pruner}\t{when}: {n}")
     return 0

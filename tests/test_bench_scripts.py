@@ -1,5 +1,6 @@
 """The benchmark scripts' own machinery (what makes a long benchmark resumable)."""
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -168,3 +169,19 @@ def test_trial_stops_counts_stopped_trials_by_windows_and_refuses_an_empty_folde
     assert "total\tmedian\tafter 1 window: 2" in run.stdout and "total\tmedian\tlater: 1" in run.stdout
     bad = subprocess.run([sys.executable, script, str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_trial_stops_splits_a_trend_layer_cell_by_stage_as_the_search_switches(tmp_path):
+    """The trend stage holds the trials begun before its share of the budget was spent (stopped trials cost
+    their windows); each stage reports its stopped trials and best complete value."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "trial_stops.py")
+    cell = {"pruner": "median", "granularity": "trend_layer", "coarse_fraction": 0.5,
+            "search": {"cost_evals": 4.25, "objective_windows": 4}}
+    (tmp_path / "search-t.json").write_text(json.dumps(cell))
+    # budget 4: the trend stage spends 2 evaluations (trials 0-2: 1 + 0.25 + 1), trial 3 starts the layer stage
+    (tmp_path / "search-t.trials.csv").write_text("number,state,value,windows\n0,COMPLETE,10.0,4\n1,PRUNED,50.0,1\n"
+                                                  "2,COMPLETE,8.0,4\n3,COMPLETE,7.0,4\n4,PRUNED,9.0,1\n"
+                                                  "5,COMPLETE,7.5,4\n")
+    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "trend 1/3 stopped, best 8.00; layer 1/3 stopped, best 7.00" in run.stdout
