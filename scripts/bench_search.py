@@ -73,7 +73,7 @@ VARIANTS = {  # the ablations that choose the defaults
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
-    "seed1": {"sampler_seed": 1}, "seed2": {"sampler_seed": 2},
+    "seed1": {"sampler_seed": 1}, "seed2": {"sampler_seed": 2}, "seed3": {"sampler_seed": 3},
 }
 
 
@@ -441,7 +441,7 @@ class Bench:
 
         from lib.objective import Objective
         from lib.oneshot import OneShotPruner, dense_input_stats
-        from lib.search import prune_sequential
+        from lib.trials import prune_sequential
         from lib.search_space import SearchConfig, SearchSpace, module_shapes, profile_counts, realized_profile
 
         shapes = module_shapes(self.model)

@@ -417,7 +417,7 @@ def test_an_earlier_reprune_is_restored_from_its_masks(tiny_llama, data_dir, met
     only zeroes weights, so that is its model bit for bit (no second re-prune)."""
     from types import SimpleNamespace
 
-    from lib.search import TrialRunner, prune_sequential
+    from lib.trials import TrialRunner, prune_sequential
 
     lm = load_model(tiny_llama, dtype="float32")
     calib = data.get_calibration("c4", lm.tokenizer, 4, 0, 32, data_dir)
@@ -1029,7 +1029,7 @@ def test_objective_uses_what_the_text_holds_and_says_so(tiny_llama, caplog):
 def test_sparsity_search_on_an_already_pruned_model_warns(tiny_llama, data_dir, caplog):
     """Trials restore to the weights the search starts from: a pre-pruned start is flagged, a dense one is not."""
     from lib.objective import Objective
-    from lib.search import TrialRunner
+    from lib.trials import TrialRunner
 
     lm = load_model(tiny_llama, dtype="float32")
     ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
