@@ -360,12 +360,10 @@ class Bench:
         if rebuilt != src["search"]["shipped_value"]:
             logger.warning("%s: the rebuilt model scores %.6f on the search objective, the shipped one %.6f",
                            path, rebuilt, src["search"]["shipped_value"])
-        keep = ("allocation", "method", "target", "variant", "variant_as_run", "range", "granularity", "sampler",
-                "coarse_sampler", "coarse_pruner", "startup_scale", "coarse_fraction", "sampler_seed", "select_top",
-                "reprune_top",
-                "objective", "objective_spread", "objective_text", "pruner", "trend_types", "search", "layer_sparsity",
-                "profile", "command")
-        return {**{k: src[k] for k in keep if k in src}, **timing, "profile_from": path, "rebuilt_value": rebuilt,
+        # everything the source cell says about its search (a setting added later is carried too); what this
+        # cell measures again (test sets, sparsity, machine, timings) the caller writes over it
+        settings = {k: v for k, v in src.items() if k != "trials_csv"}  # the CSV lies beside the source cell
+        return {**settings, **timing, "profile_from": path, "rebuilt_value": rebuilt,
                 "source_wikitext2_test": src["wikitext2_test"], "source_test_windows": src["test_windows"]}
 
     def run_search(self, method: str, target: float, variant: str) -> dict:
@@ -441,8 +439,8 @@ class Bench:
 
         from lib.objective import Objective
         from lib.oneshot import OneShotPruner, dense_input_stats
-        from lib.trials import prune_sequential
         from lib.search_space import SearchConfig, SearchSpace, module_shapes, profile_counts, realized_profile
+        from lib.trials import prune_sequential
 
         shapes = module_shapes(self.model)
         space = SearchSpace(SearchConfig(target=target, granularity="layer", sparsity_range=LAYER_SPACE_RANGE),

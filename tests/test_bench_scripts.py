@@ -121,6 +121,9 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     assert out["rebuilt_value"] == src["search"]["shipped_value"]
     assert out["wikitext2_test"] == src["wikitext2_test"] and out["profile"] == src["profile"]
     assert out["profile_from"].endswith(name) and out["search"] == src["search"]
+    # every setting the source cell records is carried (the same protocol here, so the measurements match too)
+    carried = set(src) - {"trials_csv", "seconds"}
+    assert {k: out.get(k) for k in carried} == {k: src[k] for k in carried}
     # spread objective windows: the rebuild scores the same spread windows (other ones would not match)
     spread_src = json.load(open(os.path.join(first, tag, "search-wanda-s0.50-default+spread.json"), encoding="utf-8"))
     spread = json.load(open(os.path.join(second, tag, "search-wanda-s0.50-default+spread.json"), encoding="utf-8"))
