@@ -74,6 +74,9 @@ VARIANTS = {  # the ablations that choose the defaults
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
     "seed1": {"sampler_seed": 1}, "seed2": {"sampler_seed": 2}, "seed3": {"sampler_seed": 3},
+    # --restarts 3 in one run (seeds 0, 1, 2 sharing the setup): its wall time, and the check that it ships what
+    # the restarts table reads off the seed cells
+    "x3": {"restarts": 3},
 }
 
 
@@ -378,8 +381,8 @@ class Bench:
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
         # else SearchConfig's
-        tool_defaults = {k: v.pop(k) for k in ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale")
-                         if k in v}
+        tool_keys = ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale", "restarts")
+        tool_defaults = {k: v.pop(k) for k in tool_keys if k in v}
         # stopped trials cost a fraction: room for the whole budget
         n_trials = max(v.pop("n_trials", a.n_trials), 2 * budget)
         num_layers = self.model.config.num_hidden_layers
@@ -409,7 +412,7 @@ class Bench:
                "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
                "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
-               "sampler_seed": sampler_seed, "startup_scale": cfg.startup_scale,
+               "sampler_seed": sampler_seed, "startup_scale": cfg.startup_scale, "restarts": cfg.restarts,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,
@@ -616,6 +619,7 @@ def markdown(cells: dict, tag: str) -> str:
                     f"{c['objective']} on {s['objective_windows']}{spread} windows"
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
                     + (f", sampler seed {c['sampler_seed']}" if c.get("sampler_seed") else "")
+                    + (f", best of {c['restarts']} restarts" if (c.get("restarts") or 1) > 1 else "")
                     + f", shipped {s['shipped']})")
             if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
                 source = os.path.basename(os.path.dirname(os.path.dirname(c["profile_from"])))

@@ -136,6 +136,34 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     assert kl["rebuilt_value"] == kl_src["search"]["shipped_value"] and kl["rebuilt_value"] > 0
 
 
+def test_restarts_cell_ships_what_the_seed_cells_read_as_restarts(tiny_llama, data_dir, tmp_path):
+    """``+x3`` runs --restarts 3 in one search: its restarts' best values are the seed cells' (same trials), and it
+    ships the model of the seed the restarts table picks (same test perplexity)."""
+    import json
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
+    cells_dir = str(tmp_path / "cells")
+    run = subprocess.run([sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
+                          "--nsamples", "4", "--objective_nsamples", "2", "--n_trials", "6", "--budget", "3",
+                          "--threads", "1", "--c4_windows", "2", "--test_windows", "3", "--targets", "0.6",
+                          "--methods", "optspa", "--cells", "search", "--cells_dir", cells_dir, "--variants",
+                          "default", "default+seed1", "default+seed2", "default+x3"],
+                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    tag = os.path.basename(tiny_llama)
+
+    def cell(variant):
+        return json.load(open(os.path.join(cells_dir, tag, f"search-optspa-s0.60-{variant}.json"), encoding="utf-8"))
+
+    seeds = [cell(v) for v in ("default", "default+seed1", "default+seed2")]
+    x3 = cell("default+x3")
+    assert x3["restarts"] == 3 and x3["search"]["restart_values"] == [c["search"]["best_value"] for c in seeds]
+    picked = min(seeds, key=lambda c: c["search"]["shipped_value"])
+    assert x3["search"]["shipped_value"] == picked["search"]["shipped_value"]
+    assert x3["wikitext2_test"] == picked["wikitext2_test"]
+    assert x3["search"]["cost_evals"] == sum(c["search"]["cost_evals"] for c in seeds)
+
+
 def test_kvafter_scores_the_searched_model_under_a_uniform_kv_cache(tiny_llama, data_dir, tmp_path):
     """--cells kvafter: the sparsity-only search's shipped model, rebuilt from its cell, evaluated with a uniform
     KV cache (what a joint search at that KV budget must beat); refused with one line when the cell is missing."""
