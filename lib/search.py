@@ -116,31 +116,30 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     runner: TrialRunner | None = None
     memory: dict[str, float] = {}
     restarts: list[StudySearch] = []
-    for i in range(cfg.restarts):  # each restart opens (and so checks) its study before its trials run
-        study = StudySearch(cfg, i, restart_study_name(name, i), cfg.seed + i, url, model_name, shapes, num_layers,
-                            scoring, nwin)
-        logger.info("%s", study.describe(seqlen))
-        if runner is None:  # prepared once, for every restart
-            runner = TrialRunner(model, cfg, study.space, calib, objective, device, offload, kv_kwargs, trial_kv)
-            memory.update(runner.memory())
-            logger.info("the search holds %.1f MiB besides the model: oneshot band %.2fx and host snapshot %.2fx "
-                        "the decoder linears", (memory["oneshot_band_bytes"] + memory["host_snapshot_bytes"]) / 2**20,
-                        memory["band_ratio"], memory["total_ratio"] - memory["band_ratio"])
-        study.run(runner, progress)
-        restarts.append(study)
-    groups = [r.complete() for r in restarts]
-    complete = [t for group in groups for t in group]
-    if not complete:
-        objective.close()
-        if selector is not None:
-            selector.close()
-        raise SearchError(f"study '{name}' has no completed trial")
-    best_restart, best = min(((r, t) for r, group in zip(restarts, groups) for t in group),
-                             key=lambda p: (p[1].value, p[0].index, p[1].number))
-    result = SearchResult(profile=Profile(num_layers=num_layers), study_name=best_restart.name, storage=url,
-                          best_value=best.value, best_trial=best.number, trials=[], seconds=0.0,
-                          wasted_fraction=0.0, cost_evals=sum(r.cost() for r in restarts), memory=memory)
-    try:
+    try:  # the objectives hold files (kl: the dense distribution on disk) until closed, whatever happens
+        for i in range(cfg.restarts):  # each restart opens (and so checks) its study before its trials run
+            study = StudySearch(cfg, i, restart_study_name(name, i), cfg.seed + i, url, model_name, shapes,
+                                num_layers, scoring, nwin)
+            logger.info("%s", study.describe(seqlen))
+            if runner is None:  # prepared once, for every restart
+                runner = TrialRunner(model, cfg, study.space, calib, objective, device, offload, kv_kwargs,
+                                     trial_kv)
+                memory.update(runner.memory())
+                held = (memory["oneshot_band_bytes"] + memory["host_snapshot_bytes"]) / 2**20
+                logger.info("the search holds %.1f MiB besides the model: oneshot band %.2fx and host snapshot "
+                            "%.2fx the decoder linears", held, memory["band_ratio"],
+                            memory["total_ratio"] - memory["band_ratio"])
+            study.run(runner, progress)
+            restarts.append(study)
+        groups = [r.complete() for r in restarts]
+        complete = [t for group in groups for t in group]
+        if not complete:
+            raise SearchError(f"study '{name}' has no completed trial")
+        best_restart, best = min(((r, t) for r, group in zip(restarts, groups) for t in group),
+                                 key=lambda p: (p[1].value, p[0].index, p[1].number))
+        result = SearchResult(profile=Profile(num_layers=num_layers), study_name=best_restart.name, storage=url,
+                              best_value=best.value, best_trial=best.number, trials=[], seconds=0.0,
+                              wasted_fraction=0.0, cost_evals=sum(r.cost() for r in restarts), memory=memory)
         _ship(result, runner, best_restart.space, groups, selector, nwin, progress)
     finally:
         objective.close()

@@ -18,12 +18,17 @@ import os
 import sys
 
 
-def stops(csv_path: str) -> collections.Counter:
+def read_trials(csv_path: str) -> list[dict]:
+    """A cell's trials, in trial order."""
     with open(csv_path, encoding="utf-8", newline="") as f:
-        return collections.Counter(int(r["windows"]) for r in csv.DictReader(f) if r["state"] == "PRUNED")
+        return sorted(csv.DictReader(f), key=lambda r: int(r["number"]))
 
 
-def stages(csv_path: str, cell: dict) -> str:
+def stops(rows: list[dict]) -> collections.Counter:
+    return collections.Counter(int(r["windows"]) for r in rows if r["state"] == "PRUNED")
+
+
+def stages(rows: list[dict], cell: dict) -> str:
     """trend_layer: "trend a/b stopped, best v; layer c/d stopped, best w" (the budget is what the search spent,
     rounded down: it stops at the first trial that reaches it)."""
     if cell.get("granularity") != "trend_layer" or not cell.get("search"):
@@ -31,8 +36,6 @@ def stages(csv_path: str, cell: dict) -> str:
     share = cell.get("coarse_fraction") or 0.25  # cells made before the share was recorded ran a quarter
     budget = math.floor(cell["search"]["cost_evals"])
     windows = cell["search"]["objective_windows"]
-    with open(csv_path, encoding="utf-8", newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: int(r["number"]))
     spent, out = 0.0, {"trend": [], "layer": []}
     for r in rows:
         out["trend" if spent < share * budget else "layer"].append(r)
@@ -59,11 +62,12 @@ def main() -> int:
         with open(cell + ".json", encoding="utf-8") as f:
             meta = json.load(f)
         pruner = meta.get("pruner", "?")
-        counts = stops(path)
+        rows = read_trials(path)
+        counts = stops(rows)
         total[(pruner, "after 1 window")] += counts[1]
         total[(pruner, "later")] += sum(n for w, n in counts.items() if w > 1)
         print(f"{os.path.basename(cell)}\t{pruner}\t" + " ".join(f"{w}:{n}" for w, n in sorted(counts.items()))
-              + stages(path, meta))
+              + stages(rows, meta))
     for (pruner, when), n in sorted(total.items()):
         print(f"total\t{pruner}\t{when}: {n}")
     return 0
