@@ -251,6 +251,8 @@ class StudySearch:
         trend_stage = cfg.granularity == "trend_layer" and space.is_trend_trial(trial.params)
         rule = cfg.coarse_pruner if trend_stage else cfg.pruner
         trial.set_user_attr("pruner", rule)  # the stopping rule this trial was judged by (stages may differ)
+        if cfg.granularity == "trend_layer":
+            trial.set_user_attr("stage", "trend" if trend_stage else "layer")
         should_stop = None if rule == "none" else trial.should_prune
         try:
             value = runner.score(alloc, lambda step, v: trial.report(v, step), should_stop)

@@ -19,9 +19,9 @@ import sys
 
 
 def read_trials(csv_path: str) -> list[dict]:
-    """A cell's trials, in trial order."""
+    """A cell's trials, in trial order (restart by restart)."""
     with open(csv_path, encoding="utf-8", newline="") as f:
-        return sorted(csv.DictReader(f), key=lambda r: int(r["number"]))
+        return sorted(csv.DictReader(f), key=lambda r: (int(r.get("restart") or 0), int(r["number"])))
 
 
 def stops(rows: list[dict]) -> collections.Counter:
@@ -29,17 +29,27 @@ def stops(rows: list[dict]) -> collections.Counter:
 
 
 def stages(rows: list[dict], cell: dict) -> str:
-    """trend_layer: "trend a/b stopped, best v; layer c/d stopped, best w" (the budget is what the search spent,
-    rounded down: it stops at the first trial that reaches it)."""
+    """trend_layer: "trend a/b stopped, best v; layer c/d stopped, best w". Each trial's stage is its ``stage``
+    column; CSVs written before it existed are replayed: the budget is what the search spent (per restart),
+    rounded down, as it stops at the first trial that reaches it."""
     if cell.get("granularity") != "trend_layer" or not cell.get("search"):
         return ""
-    share = cell.get("coarse_fraction") or 0.25  # cells made before the share was recorded ran a quarter
-    budget = math.floor(cell["search"]["cost_evals"])
-    windows = cell["search"]["objective_windows"]
-    spent, out = 0.0, {"trend": [], "layer": []}
-    for r in rows:
-        out["trend" if spent < share * budget else "layer"].append(r)
-        spent += int(r["windows"] or 0) / windows
+    out = {"trend": [], "layer": []}
+    if all(r.get("stage") for r in rows):
+        for r in rows:
+            out[r["stage"]].append(r)
+    else:
+        share = cell.get("coarse_fraction") or 0.25  # cells made before the share was recorded ran a quarter
+        restarts = collections.defaultdict(list)
+        for r in rows:
+            restarts[r.get("restart") or "0"].append(r)
+        budget = math.floor(cell["search"]["cost_evals"] / len(restarts))
+        windows = cell["search"]["objective_windows"]
+        for group in restarts.values():
+            spent = 0.0
+            for r in group:
+                out["trend" if spent < share * budget else "layer"].append(r)
+                spent += int(r["windows"] or 0) / windows
     parts = []
     for stage, rs in out.items():
         done = [float(r["value"]) for r in rs if r["state"] == "COMPLETE"]

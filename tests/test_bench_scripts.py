@@ -216,3 +216,24 @@ def test_trial_stops_splits_a_trend_layer_cell_by_stage_as_the_search_switches(t
     run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "trend 1/3 stopped, best 8.00; layer 1/3 stopped, best 7.00" in run.stdout
+
+
+def test_trial_stops_reads_each_trials_stage_and_replays_old_csvs_restart_by_restart(tmp_path):
+    """A CSV with a ``stage`` column is split by it; an older one with restarts is replayed per restart (each
+    restart spends its own budget), not by trial number across restarts."""
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "trial_stops.py")
+    cell = {"pruner": "median", "granularity": "trend_layer", "coarse_fraction": 0.5,
+            "search": {"cost_evals": 4.0, "objective_windows": 4}}
+    (tmp_path / "search-a.json").write_text(json.dumps(cell))
+    (tmp_path / "search-a.trials.csv").write_text("number,stage,state,value,windows\n0,trend,COMPLETE,10.0,4\n"
+                                                  "1,layer,COMPLETE,6.0,4\n2,trend,PRUNED,50.0,1\n"
+                                                  "3,layer,COMPLETE,7.0,4\n")
+    (tmp_path / "search-b.json").write_text(json.dumps(cell))
+    # two restarts of budget 2 each: trials 0 of each restart are the trend stage, trials 1 the layer stage
+    (tmp_path / "search-b.trials.csv").write_text("restart,number,state,value,windows\n1,0,COMPLETE,9.0,4\n"
+                                                  "1,1,COMPLETE,5.0,4\n0,0,COMPLETE,10.0,4\n0,1,COMPLETE,8.0,4\n")
+    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split("\t", 1) for line in run.stdout.splitlines() if line.startswith("search-"))
+    assert lines["search-a"].endswith("trend 1/2 stopped, best 10.00; layer 0/2 stopped, best 6.00")
+    assert lines["search-b"].endswith("trend 0/2 stopped, best 9.00; layer 0/2 stopped, best 5.00")

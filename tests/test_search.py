@@ -540,6 +540,12 @@ def test_auto_runs_a_cmaes_trend_stage_unpruned_and_prunes_the_refine_stage(tiny
             assert {t.user_attrs["pruner"] for t in trend} == {"none"}
             assert {t.user_attrs["pruner"] for t in refine} == {"median"}
             assert r.profile.meta["coarse_pruner"] == "none"
+            # the stage each trial ran in is in the trials CSV (what scripts/trial_stops.py reads)
+            assert {t.user_attrs["stage"] for t in trend} == {"trend"}
+            assert {t.user_attrs["stage"] for t in refine} == {"layer"}
+            with open(r.files["trials"], encoding="utf-8") as f:
+                stages = {int(row["number"]): row["stage"] for row in csv.DictReader(f)}
+            assert all(stages[t.number] == t.user_attrs["stage"] for t in trend + refine)
         else:
             assert {t.user_attrs["pruner"] for t in trend + refine} == {"median"}
             assert stopped  # the same stage with the median rule stops some
