@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--select_top", type=int, default=0,
                    help="after the search, score the K best trials again on --select_nsamples windows and ship the "
                         "best of them there (EvoPress's last selection step; default 0 = off)")
+    s.add_argument("--elite_mean", type=int, default=0,
+                   help="the budget's last trial scores the mean of the K best trials' parameters (CMA-ES's "
+                        "recombination; in trend_layer's per-layer stage); like any trial it ships only if it "
+                        "scores best (default 0 = off)")
     s.add_argument("--select_nsamples", type=int, default=None,
                    help="windows of the selection (default 4x --objective_nsamples), read as the objective reads")
     s.add_argument("--objective", default="ppl", choices=["ppl", "kl"],
@@ -354,7 +358,8 @@ def search_config(args, target: float):
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
         method=args.prune_method, sampler=args.sampler, pruner=args.pruner, coarse_pruner=args.coarse_pruner,
         reprune_top=args.reprune_top, restarts=args.restarts,
-        select_top=args.select_top, select_nsamples=args.select_nsamples, objective=args.objective,
+        select_top=args.select_top, select_nsamples=args.select_nsamples, elite_mean=args.elite_mean,
+        objective=args.objective,
         storage=args.storage, study_name=args.study_name, save_dir=args.save,
         batch_size=args.eval_batch_size, blocksize=args.blocksize, percdamp=args.percdamp)
 

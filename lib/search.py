@@ -62,6 +62,7 @@ class SearchResult:
     # trial number (with restarts "restart/number") -> sequential re-prune value, value on the selection
     reprune_values: dict[int | str, float] = field(default_factory=dict)
     selection_values: dict[int | str, float] = field(default_factory=dict)
+    elite_values: dict[int | str, float] = field(default_factory=dict)  # elite-mean trial -> its value
     selection_windows: int | None = None  # windows of the selection objective (None: no selection)
     selection_evals: float = 0.0  # the selection's cost, in full evaluations of the trials' objective
     memory: dict[str, float] = field(default_factory=dict)
@@ -75,6 +76,7 @@ class SearchResult:
                 "shipped_restart": self.shipped_restart, "restart_values": self.restart_values,
                 "reprune_values": {str(k): v for k, v in self.reprune_values.items()},
                 "selection_values": {str(k): v for k, v in self.selection_values.items()},
+                "elite_values": {str(k): v for k, v in self.elite_values.items()},
                 "selection_windows": self.selection_windows, "selection_evals": self.selection_evals,
                 "seconds": self.seconds, "wasted_fraction": self.wasted_fraction, "cost_evals": self.cost_evals,
                 "complete_trials": states.count("COMPLETE"), "pruned_trials": states.count("PRUNED"),
@@ -154,6 +156,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
             for r in restarts for t in r.study.get_trials(deepcopy=False)]
     result.trials = rows
     result.restart_values = [min((t.value for t in group), default=None) for group in groups]
+    result.elite_values = {(t.number if cfg.restarts == 1 else f"{r.index}/{t.number}"): t.value
+                           for r, group in zip(restarts, groups) for t in group if "elite_mean" in t.user_attrs}
     result.wasted_fraction = sum(1 for r in rows if r["state"] == "COMPLETE" and r["feasible"] is False) / len(complete)
     per_trial = [t.user_attrs.get("trial_seconds") for t in complete if t.user_attrs.get("trial_seconds")]
     result.profile.meta.update({
@@ -161,6 +165,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         "shipped_trial": result.shipped_trial,
         "shipped_value": result.shipped_value, "reprune_values": result.summary()["reprune_values"],
         "selection_values": result.summary()["selection_values"], "selection_windows": result.selection_windows,
+        "elite_values": result.summary()["elite_values"],
         "selection_evals": result.selection_evals, "n_trials": len(rows), "complete_trials": len(complete),
         "cost_evals": result.cost_evals,
         "wasted_fraction": result.wasted_fraction,
@@ -294,6 +299,7 @@ def _profile_from_trial(t, num_layers: int, cfg: SearchConfig, base: Profile | N
                       "coarse_fraction": cfg.coarse_fraction if cfg.granularity == "trend_layer" else None,
                       "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                       "startup_scale": cfg.startup_scale if cfg.sampler == "tpe" else None,
+                      "elite_mean": cfg.elite_mean,
                       "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
                       "kv_avg_bits": (sum(prof.key_bits + prof.value_bits) / (2 * num_layers))
                       if prof.key_bits else None})

@@ -12,7 +12,8 @@ from .profile import Profile
 def trial_row(t) -> dict[str, Any]:
     ua = t.user_attrs
     return {"number": t.number, "state": t.state.name, "value": t.value,
-            "windows": ua.get("windows"), "stage": ua.get("stage"), "pruner": ua.get("pruner"), "trial_seconds": ua.get("trial_seconds"),
+            "windows": ua.get("windows"), "stage": ua.get("stage"), "elite_mean": ua.get("elite_mean"),
+            "pruner": ua.get("pruner"), "trial_seconds": ua.get("trial_seconds"),
             "eval_seconds": ua.get("eval_seconds"), "mean_sparsity": ua.get("mean_sparsity"),
             "realized_sparsity": ua.get("realized_sparsity"), "kv_avg_bits": ua.get("kv_avg_bits"),
             "feasible": ua.get("feasible"), "duplicate_of": ua.get("duplicate_of"),

@@ -125,6 +125,7 @@ class SearchConfig:
     reprune_top: int = 1
     restarts: int = 1  # independent searches seeded seed, seed + 1, ...; the best shipped model ships
     select_top: int = 0  # after the search: the K best trials scored again on more windows, the best of them ships
+    elite_mean: int = 0  # the budget's last trial: the mean of the K best trials' parameters (0: none)
     select_nsamples: int | None = None  # the selection's windows; None: 4x the objective's
     objective: str = "ppl"
     storage: str | None = None  # None: sqlite file in save_dir
@@ -192,6 +193,12 @@ class SearchConfig:
             raise SearchError("--search_budget must be positive")
         if self.reprune_top < 0 or self.select_top < 0:
             raise SearchError("--reprune_top and --select_top must be 0 or more")
+        if self.elite_mean < 0 or self.elite_mean == 1:
+            raise SearchError(f"--elite_mean {self.elite_mean}: 0 (none) or the number of best trials to average "
+                              "(2 or more)")
+        if self.elite_mean and (self.n_trials < 2 or (self.budget_evals is not None and self.budget_evals <= 1)):
+            raise SearchError("--elite_mean takes the search's last evaluation: it needs --n_trials 2 and a "
+                              "--search_budget above 1")
         if self.select_nsamples is not None and self.select_nsamples < 1:
             raise SearchError("--select_nsamples must be at least 1")
         if self.searches_sparsity:

@@ -7,6 +7,7 @@ costs ``w / n``; a trial that repeats an evaluated point reuses its value and co
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -228,6 +229,9 @@ class StudySearch:
         for k, v in {"key": key, "levels": alloc.levels, "key_bits": alloc.key_bits,
                      "value_bits": alloc.value_bits}.items():
             trial.set_user_attr(k, v)
+        trend_stage = cfg.granularity == "trend_layer" and space.is_trend_trial(trial.params)
+        if cfg.granularity == "trend_layer":
+            trial.set_user_attr("stage", "trend" if trend_stage else "layer")
         dup = self._duplicate(trial, key)
         if dup is not None:
             return dup
@@ -248,11 +252,9 @@ class StudySearch:
         if not feasible:  # cannot happen by construction; loud if it ever does
             logger.error("trial %d misses the budget: mean %s realized %s kv %s", trial.number, mean, realized,
                          kv_avg)
-        trend_stage = cfg.granularity == "trend_layer" and space.is_trend_trial(trial.params)
-        rule = cfg.coarse_pruner if trend_stage else cfg.pruner
+        # the elite mean is one evaluation chosen on purpose: never stopped on its first windows' noise
+        rule = "none" if trial.user_attrs.get("elite_mean") else cfg.coarse_pruner if trend_stage else cfg.pruner
         trial.set_user_attr("pruner", rule)  # the stopping rule this trial was judged by (stages may differ)
-        if cfg.granularity == "trend_layer":
-            trial.set_user_attr("stage", "trend" if trend_stage else "layer")
         should_stop = None if rule == "none" else trial.should_prune
         try:
             value = runner.score(alloc, lambda step, v: trial.report(v, step), should_stop)
@@ -273,13 +275,21 @@ class StudySearch:
     def run(self, runner: TrialRunner, progress: bool = True) -> None:
         """Run the study's remaining trials (completed ones are never redone) until ``n_trials`` finished trials
         or the evaluation budget."""
+        cfg = self.cfg
+        self.runner = runner
+        reserve = 1 if cfg.elite_mean else 0  # the budget's last evaluation is the elite mean's
+        n_trials = cfg.n_trials - reserve
+        budget = cfg.budget_evals - reserve if cfg.budget_evals is not None else None
+        done = len(self.trials())
+        if done < n_trials and (budget is None or self.cost() < budget):
+            self._optimize(n_trials, budget, done, progress)
+        if cfg.elite_mean:
+            self._elite_trial()
+
+    def _optimize(self, n_trials: int, budget: float | None, done: int, progress: bool) -> None:
         import optuna
 
         cfg = self.cfg
-        self.runner = runner
-        done = len(self.trials())
-        if done >= cfg.n_trials or (cfg.budget_evals is not None and self.cost() >= cfg.budget_evals):
-            return
         desc = f"search {cfg.kind}" + (f" {self.index + 1}/{cfg.restarts}" if cfg.restarts > 1 else "")
         bar = tqdm(total=cfg.n_trials, initial=done, desc=desc, disable=not progress)
 
@@ -291,12 +301,69 @@ class StudySearch:
             except ValueError:
                 pass
             bar.refresh()
-            if cfg.budget_evals is not None and self.cost() >= cfg.budget_evals:
+            if budget is not None and self.cost() >= budget:
                 study.stop()
 
         try:
-            self.study.optimize(self.objective, n_trials=cfg.n_trials - done, gc_after_trial=False,
-                                callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=self.finished),
+            self.study.optimize(self.objective, n_trials=n_trials - done, gc_after_trial=False,
+                                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=self.finished),
                                            on_trial])
         finally:
             bar.close()
+
+    def elite_params(self) -> dict[str, Any] | None:
+        """The mean of the ``elite_mean`` best distinct complete trials' parameters in the current stage's space
+        (integers rounded; trend_layer's refine center counts as no move): CMA-ES's recombination. A few
+        objective windows rank the best points by noise as much as by quality; their mean averages it out.
+        None when fewer than two such trials exist."""
+        from optuna.distributions import IntDistribution
+
+        space, center = self.space, self.study.user_attrs.get("refine_center_trial")
+        refine = space.center is not None
+        names = space.refine_param_names() if refine else None
+        seen, elite = set(), []
+        for t in sorted(self.complete(), key=lambda t: (t.value, t.number)):
+            key = t.user_attrs.get("key")
+            if key in seen or t.user_attrs.get("duplicate_of") is not None or t.user_attrs.get("feasible") is False:
+                continue
+            if refine and t.number == center:
+                params = dict.fromkeys(names, 0)
+            elif refine and not all(n in t.params for n in names):
+                continue  # another trend: not a point of the refine stage's space
+            else:
+                params = dict(t.params)
+            if elite and set(params) != set(elite[0][1]):
+                continue
+            seen.add(key)
+            elite.append((t, params))
+            if len(elite) == self.cfg.elite_mean:
+                break
+        if len(elite) < 2:
+            return None
+        dists = next((t.distributions for t, _ in elite if t.number != center), elite[0][0].distributions)
+        out = {}
+        for n in elite[0][1]:
+            v = sum(p[n] for _, p in elite) / len(elite)
+            dist = dists.get(n)
+            if dist is None or isinstance(dist, IntDistribution):
+                v = int(math.floor(v + 0.5))
+            out[n] = v
+        return out
+
+    def _elite_trial(self) -> None:
+        """Evaluate the elite mean once per study (a resumed or shared study that has it does not again)."""
+        import optuna
+
+        if any("elite_mean" in t.user_attrs for t in self.study.get_trials(deepcopy=False)):
+            return
+        params = self.elite_params()
+        if params is None:
+            logger.info("elite mean: fewer than two distinct complete trials to average; none evaluated")
+            return
+        self.refine_stage()
+        self.study.enqueue_trial(params, user_attrs={"elite_mean": self.cfg.elite_mean})
+        self.study.optimize(self.objective, n_trials=1, gc_after_trial=False)
+        t = self.study.get_trials(deepcopy=False)[-1]
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            logger.info("elite mean of the %d best trials: trial %d, %s %.4f (best %.4f)", self.cfg.elite_mean,
+                        t.number, self.cfg.objective, t.value, self.study.best_value)

@@ -77,6 +77,9 @@ VARIANTS = {  # the ablations that choose the defaults
     # --restarts 3 in one run (seeds 0, 1, 2 sharing the setup): its wall time, and the check that it ships what
     # the restarts table reads off the seed cells
     "x3": {"restarts": 3},
+    # the budget's last trial scores the mean of the K best trials' parameters (trend_layer: per-layer moves);
+    # it ships only if it scores best, like any trial
+    "em4": {"elite_mean": 4}, "em8": {"elite_mean": 8},
 }
 
 
@@ -381,7 +384,8 @@ class Bench:
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
         # else SearchConfig's
-        tool_keys = ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale", "restarts")
+        tool_keys = ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale", "restarts",
+                     "elite_mean")
         tool_defaults = {k: v.pop(k) for k in tool_keys if k in v}
         # stopped trials cost a fraction: room for the whole budget
         n_trials = max(v.pop("n_trials", a.n_trials), 2 * budget)
@@ -413,6 +417,7 @@ class Bench:
                "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
                "sampler_seed": sampler_seed, "startup_scale": cfg.startup_scale, "restarts": cfg.restarts,
+               "elite_mean": cfg.elite_mean,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,
@@ -620,6 +625,9 @@ def markdown(cells: dict, tag: str) -> str:
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
                     + (f", sampler seed {c['sampler_seed']}" if c.get("sampler_seed") else "")
                     + (f", best of {c['restarts']} restarts" if (c.get("restarts") or 1) > 1 else "")
+                    + (f", the {c['elite_mean']} best averaged last"
+                       + (" (best trial)" if str(s["best_trial"]) in (s.get("elite_values") or {}) else "")
+                       if c.get("elite_mean") else "")
                     + f", shipped {s['shipped']})")
             if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
                 source = os.path.basename(os.path.dirname(os.path.dirname(c["profile_from"])))

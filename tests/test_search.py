@@ -1199,3 +1199,76 @@ def test_a_trend_stage_with_local_startup_draws_near_uniform(tiny_llama, data_di
     assert all(abs(v) <= 0.15 + 1e-12 for t in trend for n, v in t.params.items() if n.startswith("trend_"))
     assert any(abs(v) > 0.01 for t in trend[1:] for v in t.params.values())
     assert r.profile.meta["startup_scale"] == 0.5
+
+
+def test_elite_mean_is_the_budgets_last_trial_the_rounded_mean_of_the_best_refine_points(tiny_llama, data_dir,
+                                                                                           tmp_path):
+    """--elite_mean K: the same trials as without it, the budget's last evaluation excepted, which scores the
+    mean of the K best distinct points of the per-layer stage (the refine center is no move), rounded to the
+    integer moves, to the end (no pruner); a resumed study does not add a second one; whatever is best ships."""
+    kw = dict(kind="sparsity", granularity="trend_layer", n_trials=40, budget_evals=14, coarse_fraction=0.5,
+              sparsity_range=0.2, objective_nsamples=4, pruner="median", seed=2)
+    plain, _ = _lib_search(tiny_llama, data_dir, tmp_path / "plain", **kw)
+    elite, _ = _lib_search(tiny_llama, data_dir, tmp_path / "elite", elite_mean=4, **kw)
+    study = optuna.load_study(study_name=elite.study_name, storage=elite.storage)
+    trials = study.get_trials(deepcopy=False)
+    marked = [t for t in trials if "elite_mean" in t.user_attrs]
+    assert len(marked) == 1 and marked[0] is trials[-1] and marked[0].user_attrs["elite_mean"] == 4
+    e = marked[0]
+    assert e.state.name == "COMPLETE"
+    if e.user_attrs.get("duplicate_of") is not None:  # the mean landed on an evaluated point: its value, free
+        assert e.user_attrs["windows"] == 0 and e.value == trials[e.user_attrs["duplicate_of"]].value
+    else:
+        assert e.user_attrs["pruner"] == "none" and e.user_attrs["windows"] == 4
+    # the trials before it are the plain search's, cut where the budget's last evaluation begins
+    before = [(t["state"], t["value"]) for t in elite.trials[:-1]]
+    assert before == [(t["state"], t["value"]) for t in plain.trials[: len(before)]]
+    assert sum((t["windows"] or 0) for t in elite.trials[:-1]) / 4 >= 13
+    # its parameters: the rounded mean of the 4 best distinct refine-stage points
+    center = study.user_attrs["refine_center_trial"]
+    names = [n for n in e.params]
+    assert names and all(n.startswith("d_layer") for n in names)
+    pool, seen = [], set()
+    for t in sorted((t for t in trials[:-1] if t.state.name == "COMPLETE"), key=lambda t: (t.value, t.number)):
+        if t.user_attrs.get("duplicate_of") is not None or t.user_attrs["key"] in seen:
+            continue
+        if t.number == center:
+            pool.append([0] * len(names))
+        elif all(n in t.params for n in names):
+            pool.append([t.params[n] for n in names])
+        else:
+            continue
+        seen.add(t.user_attrs["key"])
+        if len(pool) == 4:
+            break
+    assert len(pool) == 4
+    assert [e.params[n] for n in names] == [math.floor(sum(c) / 4 + 0.5) for c in zip(*pool)]
+    assert elite.summary()["elite_values"] == {str(e.number): e.value}
+    best = min(t.value for t in trials if t.state.name == "COMPLETE")
+    assert elite.best_value == best and elite.shipped_value == best
+    # resumed with more budget: more trials, no second elite mean
+    more, _ = _lib_search(tiny_llama, data_dir, tmp_path / "elite", elite_mean=4, **{**kw, "budget_evals": 16})
+    assert sum(t["elite_mean"] == 4 for t in more.trials) == 1 and len(more.trials) > len(elite.trials)
+    with pytest.raises(SearchError, match="elite_mean"):
+        SearchConfig(target=0.5, elite_mean=1).check()
+
+
+def test_elite_mean_of_trend_parameters_runs_to_the_end_unpruned(tiny_llama, data_dir, tmp_path):
+    """A real-valued space: the mean of the best trends is a new point, scored on every window whatever the
+    pruner, and recorded as the elite mean in the CSV."""
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="trend", n_trials=30,
+                       budget_evals=8, sparsity_range=0.2, objective_nsamples=4, pruner="median", seed=0,
+                       elite_mean=3)
+    study = optuna.load_study(study_name=r.study_name, storage=r.storage)
+    *rest, e = study.get_trials(deepcopy=False)
+    assert e.user_attrs["elite_mean"] == 3 and e.user_attrs.get("duplicate_of") is None
+    assert e.state.name == "COMPLETE" and e.user_attrs["pruner"] == "none" and e.user_attrs["windows"] == 4
+    pool, seen = [], set()
+    for t in sorted((t for t in rest if t.state.name == "COMPLETE"), key=lambda t: (t.value, t.number)):
+        if t.user_attrs.get("duplicate_of") is None and t.user_attrs["key"] not in seen:
+            seen.add(t.user_attrs["key"])
+            pool.append(t.params)
+    assert e.params == pytest.approx({n: sum(p[n] for p in pool[:3]) / 3 for n in e.params})
+    with open(r.files["trials"], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["elite_mean"] for row in rows] == [""] * (len(rows) - 1) + ["3"]
