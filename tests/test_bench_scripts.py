@@ -66,7 +66,7 @@ def test_publish_ships_the_profiles_of_the_default_settings_only(tmp_path):
 def test_restarts_ship_the_seed_with_the_best_validation_value_not_the_best_test():
     """The restarts table reads the seed cells as separate searches: the one with the lowest search-objective value
     ships (here seed 1, although seed 2 scores better on the test set), at the cost of all of them."""
-    bench = load_script("bench_search")
+    tables = load_script("bench_search_tables")
 
     def search(variant, seed, val, test):
         return {"allocation": "search", "method": "optspa", "target": 0.7, "variant": variant, "sampler_seed": seed,
@@ -75,10 +75,10 @@ def test_restarts_ship_the_seed_with_the_best_validation_value_not_the_best_test
     cells = {"dense": {"wikitext2_test": 10.0}, "uniform-optspa-s0.70": {"wikitext2_test": 110.0},
              "a": search("default", None, 30.0, 60.0), "b": search("default+seed1", 1, 20.0, 50.0),
              "c": search("default+seed2", 2, 25.0, 30.0), "alone": search("default+r0.2", None, 1.0, 11.0)}
-    rows = [r for r in bench.restarts_markdown(cells) if r.startswith("| 0.70")]
+    rows = [r for r in tables.restarts_markdown(cells) if r.startswith("| 0.70")]
     assert rows == ["| 0.70 | default (optspa) | 0: 30.00, 1: 20.00, 2: 25.00 | 1 | 50.00 | 51.00 | 0.600 (0.633) | "
                     "150.0 |"]
-    assert bench.restarts_markdown({"a": cells["a"], "alone": cells["alone"]}) == []  # one seed: no restarts
+    assert tables.restarts_markdown({"a": cells["a"], "alone": cells["alone"]}) == []  # one seed: no restarts
 
 
 def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llama, data_dir, tmp_path):
