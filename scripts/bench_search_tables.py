@@ -146,13 +146,18 @@ def restarts_markdown(cells: dict) -> list[str]:
 def write_profiles(cells: dict, tag: str, profiles_dir: str, variants: list[str]) -> list[str]:
     """Ship the profiles of the ``variants``' search cells into ``profiles_dir``, each with the command and the
     cell that measured it; cells without a stored profile are left alone. ``default`` (the settings main.py
-    runs by default) gets the plain name; another variant adds its settings to it (``..._s0.70_r0.3.json``)."""
+    runs by default) gets the plain name; another variant adds its settings to it (``..._s0.70_r0.3.json``),
+    unless it shipped the default cell's allocation (``em4`` where the mean lost): no second file for one model."""
     from lib.io import write_json
     from lib.profile import profile_filename
 
     written = []
     for name, c in sorted(cells.items()):
         if c.get("allocation") != "search" or c.get("variant") not in variants or "profile" not in c:
+            continue
+        default = cells.get(f"search-{c['method']}-s{c['target']:.2f}-default", {}).get("profile") or {}
+        if c["variant"] != "default" and all(default.get(k) == c["profile"].get(k)
+                                             for k in ("sparsity", "module_sparsity", "key_bits", "value_bits")):
             continue
         prof = json.loads(json.dumps(c["profile"]))
         prof.setdefault("meta", {}).update({"command": c.get("command"), "storage": None, "bench_cell": name})

@@ -58,6 +58,14 @@ def test_publish_ships_the_profiles_of_the_default_settings_only(tmp_path):
     more = bench.write_profiles(cells, "m", str(tmp_path), ["default", "r0.1"])
     assert sorted(os.path.basename(p) for p in more) == ["m_profile_optspa_unstructured_s0.50.json",
                                                         "m_profile_wanda_unstructured_s0.50_r0.1.json"]
+    # a variant that shipped the default cell's allocation adds no second file for the same model
+    cells["search-optspa-s0.50-em4"] = {**cell, "variant": "em4"}
+    cells["search-optspa-s0.50-em8"] = {**cell, "variant": "em8",
+                                        "profile": {**prof, "sparsity": [0.45, 0.55]}}
+    (tmp_path / "em").mkdir()
+    shipped = bench.write_profiles(cells, "m", str(tmp_path / "em"), ["default", "em4", "em8"])
+    assert sorted(os.path.basename(p) for p in shipped) == ["m_profile_optspa_unstructured_s0.50.json",
+                                                           "m_profile_optspa_unstructured_s0.50_em8.json"]
     loaded = load_profile(written[0], 2)
     assert loaded.sparsity == [0.4, 0.6]
     assert loaded.meta["command"] == "python x" and loaded.meta["bench_cell"] == "search-optspa-s0.50-default"
