@@ -197,51 +197,50 @@ def test_kvafter_scores_the_searched_model_under_a_uniform_kv_cache(tiny_llama, 
     assert "then KV uniform 3 bits" in load_script("bench_search").markdown({"kv": out}, tag)
 
 
+TRIAL_STOPS = os.path.join(os.path.dirname(__file__), "..", "scripts", "trial_stops.py")
+TREND_LAYER_CELL = {"pruner": "median", "granularity": "trend_layer", "coarse_fraction": 0.5,
+                    "search": {"cost_evals": 4.0, "objective_windows": 4}}
+
+
+def _trial_stops(folder, cells: dict[str, tuple[dict, str]]) -> tuple[dict[str, str], str]:
+    """Write each cell's JSON and trials CSV into ``folder`` and run scripts/trial_stops.py on it: each cell's
+    line (after its name) and the whole output."""
+    for name, (cell, trials) in cells.items():
+        (folder / f"{name}.json").write_text(json.dumps(cell))
+        (folder / f"{name}.trials.csv").write_text(trials)
+    run = subprocess.run([sys.executable, TRIAL_STOPS, str(folder)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return dict(line.split("\t", 1) for line in run.stdout.splitlines() if line.startswith("search-")), run.stdout
+
+
 def test_trial_stops_counts_stopped_trials_by_windows_and_refuses_an_empty_folder(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "trial_stops.py")
-    (tmp_path / "search-x.json").write_text('{"pruner": "median"}')
-    (tmp_path / "search-x.trials.csv").write_text("number,state,value,windows\n0,COMPLETE,1.0,8\n1,PRUNED,9.0,1\n"
-                                                  "2,PRUNED,9.0,1\n3,PRUNED,9.0,3\n")
-    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 0
-    assert "search-x\tmedian\t1:2 3:1" in run.stdout
-    assert "total\tmedian\tafter 1 window: 2" in run.stdout and "total\tmedian\tlater: 1" in run.stdout
-    bad = subprocess.run([sys.executable, script, str(tmp_path / "none")], capture_output=True, text=True)
+    csv_text = "number,state,value,windows\n0,COMPLETE,1.0,8\n1,PRUNED,9.0,1\n2,PRUNED,9.0,1\n3,PRUNED,9.0,3\n"
+    out, text = _trial_stops(tmp_path, {"search-x": ({"pruner": "median"}, csv_text)})
+    assert out["search-x"] == "median\t1:2 3:1"
+    assert "total\tmedian\tafter 1 window: 2" in text and "total\tmedian\tlater: 1" in text
+    bad = subprocess.run([sys.executable, TRIAL_STOPS, str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
 def test_trial_stops_splits_a_trend_layer_cell_by_stage_as_the_search_switches(tmp_path):
     """The trend stage holds the trials begun before its share of the budget was spent (stopped trials cost
     their windows); each stage reports its stopped trials and best complete value."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "trial_stops.py")
-    cell = {"pruner": "median", "granularity": "trend_layer", "coarse_fraction": 0.5,
-            "search": {"cost_evals": 4.25, "objective_windows": 4}}
-    (tmp_path / "search-t.json").write_text(json.dumps(cell))
     # budget 4: the trend stage spends 2 evaluations (trials 0-2: 1 + 0.25 + 1), trial 3 starts the layer stage
-    (tmp_path / "search-t.trials.csv").write_text("number,state,value,windows\n0,COMPLETE,10.0,4\n1,PRUNED,50.0,1\n"
-                                                  "2,COMPLETE,8.0,4\n3,COMPLETE,7.0,4\n4,PRUNED,9.0,1\n"
-                                                  "5,COMPLETE,7.5,4\n")
-    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "trend 1/3 stopped, best 8.00; layer 1/3 stopped, best 7.00" in run.stdout
+    cell = {**TREND_LAYER_CELL, "search": {"cost_evals": 4.25, "objective_windows": 4}}
+    csv_text = ("number,state,value,windows\n0,COMPLETE,10.0,4\n1,PRUNED,50.0,1\n2,COMPLETE,8.0,4\n"
+                "3,COMPLETE,7.0,4\n4,PRUNED,9.0,1\n5,COMPLETE,7.5,4\n")
+    out, _ = _trial_stops(tmp_path, {"search-t": (cell, csv_text)})
+    assert out["search-t"].endswith("trend 1/3 stopped, best 8.00; layer 1/3 stopped, best 7.00")
 
 
 def test_trial_stops_reads_each_trials_stage_and_replays_old_csvs_restart_by_restart(tmp_path):
     """A CSV with a ``stage`` column is split by it; an older one with restarts is replayed per restart (each
     restart spends its own budget), not by trial number across restarts."""
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "trial_stops.py")
-    cell = {"pruner": "median", "granularity": "trend_layer", "coarse_fraction": 0.5,
-            "search": {"cost_evals": 4.0, "objective_windows": 4}}
-    (tmp_path / "search-a.json").write_text(json.dumps(cell))
-    (tmp_path / "search-a.trials.csv").write_text("number,stage,state,value,windows\n0,trend,COMPLETE,10.0,4\n"
-                                                  "1,layer,COMPLETE,6.0,4\n2,trend,PRUNED,50.0,1\n"
-                                                  "3,layer,COMPLETE,7.0,4\n")
-    (tmp_path / "search-b.json").write_text(json.dumps(cell))
-    # two restarts of budget 2 each: trials 0 of each restart are the trend stage, trials 1 the layer stage
-    (tmp_path / "search-b.trials.csv").write_text("restart,number,state,value,windows\n1,0,COMPLETE,9.0,4\n"
-                                                  "1,1,COMPLETE,5.0,4\n0,0,COMPLETE,10.0,4\n0,1,COMPLETE,8.0,4\n")
-    run = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    lines = dict(line.split("\t", 1) for line in run.stdout.splitlines() if line.startswith("search-"))
-    assert lines["search-a"].endswith("trend 1/2 stopped, best 10.00; layer 0/2 stopped, best 6.00")
-    assert lines["search-b"].endswith("trend 0/2 stopped, best 9.00; layer 0/2 stopped, best 5.00")
+    out, _ = _trial_stops(tmp_path, {
+        "search-a": (TREND_LAYER_CELL, "number,stage,state,value,windows\n0,trend,COMPLETE,10.0,4\n"
+                                       "1,layer,COMPLETE,6.0,4\n2,trend,PRUNED,50.0,1\n3,layer,COMPLETE,7.0,4\n"),
+        # two restarts of budget 2 each: trials 0 of each restart are the trend stage, trials 1 the layer stage
+        "search-b": (TREND_LAYER_CELL, "restart,number,state,value,windows\n1,0,COMPLETE,9.0,4\n"
+                                       "1,1,COMPLETE,5.0,4\n0,0,COMPLETE,10.0,4\n0,1,COMPLETE,8.0,4\n")})
+    assert out["search-a"].endswith("trend 1/2 stopped, best 10.00; layer 0/2 stopped, best 6.00")
+    assert out["search-b"].endswith("trend 0/2 stopped, best 9.00; layer 0/2 stopped, best 5.00")
