@@ -316,8 +316,6 @@ class StudySearch:
         (integers rounded; trend_layer's refine center counts as no move): CMA-ES's recombination. A few
         objective windows rank the best points by noise as much as by quality; their mean averages it out.
         None when fewer than two such trials exist."""
-        from optuna.distributions import IntDistribution
-
         space, center = self.space, self.study.user_attrs.get("refine_center_trial")
         refine = space.center is not None
         names = space.refine_param_names() if refine else None
@@ -340,14 +338,12 @@ class StudySearch:
                 break
         if len(elite) < 2:
             return None
-        dists = next((t.distributions for t, _ in elite if t.number != center), elite[0][0].distributions)
         out = {}
         for n in elite[0][1]:
-            v = sum(p[n] for _, p in elite) / len(elite)
-            dist = dists.get(n)
-            if dist is None or isinstance(dist, IntDistribution):
-                v = int(math.floor(v + 0.5))
-            out[n] = v
+            values = [p[n] for _, p in elite]
+            v = sum(values) / len(values)
+            # integer parameters (levels, per-layer moves) stay integers: Optuna returns ints for them
+            out[n] = int(math.floor(v + 0.5)) if all(isinstance(x, int) for x in values) else v
         return out
 
     def _elite_trial(self) -> None:
