@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="independent searches, the sampler seeded --search_seed, +1, ...: each its own study "
                         "(--study_name, then -restart1, ...) with its own --n_trials and --search_budget; the one "
                         "whose shipped model scores best on the objective ships (default 1)")
+    s.add_argument("--restart_mean", action="store_true",
+                   help="after the restarts, prune the mean of their best allocations (budget kept exact), "
+                        "oneshot and re-pruned as --reprune_top allows, score it on the objective and ship it "
+                        "only if it beats every restart's model (bagging: the restarts' noise averages out)")
     s.add_argument("--trial_mode", default="auto", choices=["auto", "oneshot", "sequential"],
                    help="oneshot: scores from dense activations once, each trial thresholds; sequential: "
                         "layer-by-layer recalibration per trial; auto: oneshot, sequential for sparsegpt")
@@ -357,7 +361,7 @@ def search_config(args, target: float):
         n_trials=args.n_trials, budget_evals=args.search_budget,
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
         method=args.prune_method, sampler=args.sampler, pruner=args.pruner, coarse_pruner=args.coarse_pruner,
-        reprune_top=args.reprune_top, restarts=args.restarts,
+        reprune_top=args.reprune_top, restarts=args.restarts, restart_mean=args.restart_mean,
         select_top=args.select_top, select_nsamples=args.select_nsamples, elite_mean=args.elite_mean,
         objective=args.objective,
         storage=args.storage, study_name=args.study_name, save_dir=args.save,

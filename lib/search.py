@@ -32,11 +32,12 @@ from tqdm import tqdm
 
 from .models import decoder_layers
 from .objective import Objective
+from .oneshot import SCORES
 from .profile import Profile
 from .prune import PruneResult
 from .search_report import plot_profile, trial_row, write_trials_csv
-from .search_space import (SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts, realized_profile,
-                           selection_nsamples)
+from .search_space import (Allocation, SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts,
+                           realized_profile, selection_nsamples)
 from .study import default_study_name, restart_study_name, scoring_fingerprint, storage_url
 from .trials import StudySearch, TrialRunner, allocation_of
 
@@ -63,6 +64,9 @@ class SearchResult:
     reprune_values: dict[int | str, float] = field(default_factory=dict)
     selection_values: dict[int | str, float] = field(default_factory=dict)
     elite_values: dict[int | str, float] = field(default_factory=dict)  # elite-mean trial -> its value
+    # the mean of the restarts' best allocations ("oneshot" / "sequential" -> value); shipped_trial is None
+    # when it shipped
+    restart_mean_values: dict[str, float] = field(default_factory=dict)
     selection_windows: int | None = None  # windows of the selection objective (None: no selection)
     selection_evals: float = 0.0  # the selection's cost, in full evaluations of the trials' objective
     memory: dict[str, float] = field(default_factory=dict)
@@ -77,6 +81,7 @@ class SearchResult:
                 "reprune_values": {str(k): v for k, v in self.reprune_values.items()},
                 "selection_values": {str(k): v for k, v in self.selection_values.items()},
                 "elite_values": {str(k): v for k, v in self.elite_values.items()},
+                "restart_mean_values": dict(self.restart_mean_values),
                 "selection_windows": self.selection_windows, "selection_evals": self.selection_evals,
                 "seconds": self.seconds, "wasted_fraction": self.wasted_fraction, "cost_evals": self.cost_evals,
                 "complete_trials": states.count("COMPLETE"), "pruned_trials": states.count("PRUNED"),
@@ -143,6 +148,10 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                               best_value=best.value, best_trial=best.number, trials=[], seconds=0.0,
                               wasted_fraction=0.0, cost_evals=sum(r.cost() for r in restarts), memory=memory)
         _ship(result, runner, best_restart.space, groups, selector, nwin, progress)
+        mean_profile = None
+        if cfg.restart_mean:
+            mean_profile = _ship_restart_mean(result, runner, best_restart.space, groups,
+                                              objective if selector is None else selector)
     finally:
         objective.close()
         if selector is not None:
@@ -150,8 +159,11 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     # the profile is the shipped model's: a re-prune of another of the best trials (or restarts) may have won
     won = restarts[result.shipped_restart]
     result.study_name = won.name
-    shipped = next(t for t in groups[won.index] if t.number == result.shipped_trial)
-    result.profile = _profile_from_trial(shipped, num_layers, cfg, base_profile, model_name, won.name, url)
+    if mean_profile is not None:  # the restarts' mean: no trial of its own
+        result.profile = _describe(mean_profile, result.shipped_value, cfg, model_name, won.name, url)
+    else:
+        shipped = next(t for t in groups[won.index] if t.number == result.shipped_trial)
+        result.profile = _profile_from_trial(shipped, num_layers, cfg, base_profile, model_name, won.name, url)
     rows = [({"restart": r.index} if cfg.restarts > 1 else {}) | trial_row(t)
             for r in restarts for t in r.study.get_trials(deepcopy=False)]
     result.trials = rows
@@ -166,13 +178,14 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         "shipped_value": result.shipped_value, "reprune_values": result.summary()["reprune_values"],
         "selection_values": result.summary()["selection_values"], "selection_windows": result.selection_windows,
         "elite_values": result.summary()["elite_values"],
+        "restart_mean_values": dict(result.restart_mean_values),
         "selection_evals": result.selection_evals, "n_trials": len(rows), "complete_trials": len(complete),
         "cost_evals": result.cost_evals,
         "wasted_fraction": result.wasted_fraction,
         "mean_trial_seconds": sum(per_trial) / len(per_trial) if per_trial else None})
     if cfg.restarts > 1:
         result.profile.meta.update({"seed": cfg.seed + won.index, "restarts": cfg.restarts,
-                                    "shipped_restart": won.index, "best_restart": best_restart.index,
+                                    "shipped_restart": None if mean_profile is not None else won.index, "best_restart": best_restart.index,
                                     "restart_values": result.restart_values})
     result.seconds = time.perf_counter() - start
     if cfg.save_dir:
@@ -181,9 +194,10 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         write_trials_csv(result.files["trials"], rows)
         result.files["plot"] = f"{cfg.save_dir}/profile_{cfg.kind}_s{cfg.target:.2f}.png"
         plot_profile(result.files["plot"], result.profile, f"{name}: best {cfg.objective} {best.value:.4g}")
-    logger.info("search done: best trial %d, %s %.4f; shipped trial %d%s, %s model scores %.4f%s; %d trials "
+    logger.info("search done: best trial %d, %s %.4f; shipped %s%s, %s model scores %.4f%s; %d trials "
                 "(%d complete), %.1f full evaluations (+%.1f selecting), %.1f s", best.number, cfg.objective,
-                best.value, result.shipped_trial,
+                best.value, "the restarts' mean" if mean_profile is not None else f"trial {result.shipped_trial}",
+                "" if mean_profile is not None else
                 f" of restart {won.index} (seed {cfg.seed + won.index})" if cfg.restarts > 1 else "",
                 result.shipped or "-",
                 result.shipped_value if result.shipped_value is not None else float("nan"),
@@ -276,6 +290,50 @@ def _ship(result: SearchResult, runner: TrialRunner, space: SearchSpace, groups:
         result.shipped_restart, result.shipped_trial = winner[0], winner[1].number
 
 
+def _ship_restart_mean(result: SearchResult, runner: TrialRunner, space: SearchSpace, groups: list[list],
+                       judge: Objective) -> Profile | None:
+    """Bagging the restarts: the mean of each restart's best allocation (per-module ratios, realized so the
+    budget holds exactly), pruned oneshot and sequentially (as ``reprune_top`` allows re-prunes; sequential
+    only for sequential trials) and scored on ``judge``. The best of these ships only when it beats the model
+    shipped so far; else that model is put back. Returns the mean's profile when it ships."""
+    cfg = runner.cfg
+    bests = [min(group, key=lambda t: (t.value, t.number)) for group in groups if group]
+    if len(bests) < 2:
+        return None
+    allocs = [allocation_of(space, t) for t in bests]
+    mean = Allocation(unit_ratio={u: sum(a.unit_ratio[u] for a in allocs) / len(allocs) for u in space.shapes})
+    prof = realized_profile(runner.model, mean.unit_ratio, cfg.target)
+    counts = profile_counts(prof, space.shapes)
+    before = result.prune, result.shipped
+    ways = (["oneshot"] if runner.oneshot is not None else []) + \
+        (["sequential"] if runner.oneshot is None or cfg.reprune_top > 0 else [])
+    won = None
+    for how in ways:
+        if how == "oneshot":
+            runner.snapshot.restore()
+            runner.oneshot.rebuild(counts)
+            res = runner.oneshot.masks()
+        else:
+            res = runner.reprune(prof)
+        value = runner.score(mean, objective=judge)
+        result.restart_mean_values[how] = value
+        logger.info("the mean of the %d restarts' best allocations, pruned %s: %s %.4f (shipped so far %.4f)",
+                    len(bests), how, cfg.objective, value, result.shipped_value)
+        if value < result.shipped_value:
+            won, result.shipped_value, result.prune, result.shipped = how, value, res, how
+    if won is None:  # the model shipped before, exactly as scored
+        if cfg.method not in SCORES:  # SparseGPT moved weights (its trials are sequential): prune it again
+            best = next(t for t in groups[result.shipped_restart] if t.number == result.shipped_trial)
+            _, result.prune = runner.apply(allocation_of(space, best))
+        else:
+            runner.restore_masks(before[0])
+        return None
+    if won != ways[-1] and cfg.method in SCORES:  # a later way lost: dense x the winner's masks is its model
+        runner.restore_masks(result.prune)
+    result.shipped_trial = None
+    return prof
+
+
 def _profile_from_trial(t, num_layers: int, cfg: SearchConfig, base: Profile | None, model_name: str,
                         study_name: str, url: str) -> Profile:
     ua = t.user_attrs
@@ -291,15 +349,21 @@ def _profile_from_trial(t, num_layers: int, cfg: SearchConfig, base: Profile | N
     if cfg.searches_kv:
         prof.key_bits = list(ua["key_bits"])
         prof.value_bits = list(ua["value_bits"])
+    return _describe(prof, t.value, cfg, model_name, study_name, url)
+
+
+def _describe(prof: Profile, value: float, cfg: SearchConfig, model_name: str, study_name: str, url: str) -> Profile:
+    """The search's settings in the profile's meta (what made it, for anyone who reloads it)."""
+    num_layers = prof.num_layers
     prof.model, prof.method = model_name, cfg.method
     prof.meta.update({"study_name": study_name, "storage": url.split("@")[-1], "objective": cfg.objective,
-                      "objective_value": t.value, "search": cfg.kind, "granularity": cfg.granularity,
+                      "objective_value": value, "search": cfg.kind, "granularity": cfg.granularity,
                       "num_blocks": cfg.num_blocks, "trial_mode": cfg.trial_mode, "seed": cfg.seed,
                       "sampler": cfg.sampler, "pruner": cfg.pruner, "sparsity_range": cfg.sparsity_range,
                       "coarse_fraction": cfg.coarse_fraction if cfg.granularity == "trend_layer" else None,
                       "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                       "startup_scale": cfg.startup_scale if cfg.sampler == "tpe" else None,
-                      "elite_mean": cfg.elite_mean,
+                      "elite_mean": cfg.elite_mean, "restart_mean": cfg.restart_mean,
                       "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
                       "kv_avg_bits": (sum(prof.key_bits + prof.value_bits) / (2 * num_layers))
                       if prof.key_bits else None})

@@ -124,6 +124,7 @@ class SearchConfig:
     coarse_pruner: str = "auto"
     reprune_top: int = 1
     restarts: int = 1  # independent searches seeded seed, seed + 1, ...; the best shipped model ships
+    restart_mean: bool = False  # after the restarts: the mean of their best allocations, shipped only if it wins
     select_top: int = 0  # after the search: the K best trials scored again on more windows, the best of them ships
     elite_mean: int = 0  # the budget's last trial: the mean of the K best trials' parameters (0: none)
     select_nsamples: int | None = None  # the selection's windows; None: 4x the objective's
@@ -201,6 +202,9 @@ class SearchConfig:
                               "--search_budget above 1")
         if self.select_nsamples is not None and self.select_nsamples < 1:
             raise SearchError("--select_nsamples must be at least 1")
+        if self.restart_mean and (self.restarts < 2 or self.kind != "sparsity"):
+            raise SearchError("--restart_mean averages the restarts' best sparsity allocations: it needs "
+                              "--restarts 2 or more and --search sparsity")
         if self.searches_sparsity:
             if self.method not in SEARCH_METHODS:
                 raise SearchError(f"a sparsity search needs a calibrated method ({', '.join(SEARCH_METHODS)})")

@@ -84,6 +84,9 @@ VARIANTS = {  # the ablations that choose the defaults
     # the budget's last trial scores the mean of the K best trials' parameters (trend_layer: per-layer moves);
     # it ships only if it scores best, like any trial
     "em4": {"elite_mean": 4}, "em8": {"elite_mean": 8},
+    # --restarts N --restart_mean: N searches (seeds 0..N-1, the seed cells' trials), then the mean of their best
+    # allocations, shipped only if it beats every restart's model on the objective
+    "x2m": {"restarts": 2, "restart_mean": True}, "x4m": {"restarts": 4, "restart_mean": True},
 }
 
 
@@ -389,7 +392,7 @@ class Bench:
         sampler_seed = v.pop("sampler_seed", a.seed)
         # else SearchConfig's
         tool_keys = ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale", "restarts",
-                     "elite_mean")
+                     "restart_mean", "elite_mean")
         tool_defaults = {k: v.pop(k) for k in tool_keys if k in v}
         # stopped trials cost a fraction: room for the whole budget
         n_trials = max(v.pop("n_trials", a.n_trials), 2 * budget)
@@ -399,7 +402,7 @@ class Bench:
                            n_trials=n_trials, budget_evals=budget, seed=sampler_seed, method=method,
                            sampler=v["sampler"], pruner=v["pruner"], reprune_top=reprune_top,
                            select_top=select_top, objective=v["objective"], trend_types=v["trend_types"],
-                           save_dir=os.path.join(self.work, f"{method}-{target}-{variant}"),
+                           save_dir=os.path.join(a.study_dir or self.work, f"{method}-{target}-{variant}"),
                            trial_mode="sequential" if method == "sparsegpt" else "oneshot", **tool_defaults)
         v["range"] = cfg.sparsity_range  # "default" leaves it to the tool (it follows the target): record what ran
 
@@ -421,7 +424,7 @@ class Bench:
                "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
                "sampler_seed": sampler_seed, "startup_scale": cfg.startup_scale, "restarts": cfg.restarts,
-               "elite_mean": cfg.elite_mean,
+               "elite_mean": cfg.elite_mean, "restart_mean": cfg.restart_mean,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
                           "s_per_trial": sum(secs) / len(secs) if secs else None,
@@ -590,6 +593,9 @@ def main() -> int:
     p.add_argument("--ship_variants", nargs="+", default=["default"], type=variant_name,
                    help="the search cells whose profiles are shipped (default: main.py's default settings; "
                         "others get their settings in the file name)")
+    p.add_argument("--study_dir", default=None,
+                   help="keep the search cells' Optuna studies here (default: a temporary folder), so a killed "
+                        "run resumes its searches where they stopped")
     p.add_argument("--profiles_from", default=None,
                    help="search cells: rebuild the shipped model of the same cell measured in this cells dir "
                         "(same calibration) and score it here, without searching (the full test set)")

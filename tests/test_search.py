@@ -354,6 +354,67 @@ def test_restarts_are_the_separate_searches_and_the_best_shipped_model_ships(tin
     assert Objective(lm.model, ids, 32, 2, "cpu", False)() == r.shipped_value  # shipped = scored
 
 
+@pytest.mark.parametrize("force", [None, "win", "lose"])
+def test_restart_mean_prunes_the_mean_of_the_restarts_best_and_ships_it_only_when_it_wins(tiny_llama, data_dir,
+                                                                                         tmp_path, monkeypatch,
+                                                                                         force):
+    """--restart_mean: after the restarts, the per-module mean of each restart's best allocation, realized on the
+    exact budget, is pruned oneshot and re-pruned, scored, and ships only when it beats the restarts' shipped
+    model; the model left behind is always the one whose value is reported (forced here both ways)."""
+    from lib import search as search_mod
+    from lib.objective import Objective
+
+    real_score = search_mod.TrialRunner.score
+
+    def score(self, alloc, report=None, should_stop=None, objective=None):
+        value = real_score(self, alloc, report, should_stop, objective)
+        if force and not alloc.levels:  # the mean has no levels of its own: forced to win or lose
+            return {"win": 0.0, "lose": 1e9}[force]
+        return value
+
+    monkeypatch.setattr(search_mod.TrialRunner, "score", score)
+    kw = dict(kind="sparsity", granularity="layer", n_trials=6, sparsity_range=0.3, reprune_top=1, seed=4)
+    plain, _ = _lib_search(tiny_llama, data_dir, tmp_path / "plain", restarts=3, **kw)
+    r, lm = _lib_search(tiny_llama, data_dir, tmp_path / "mean", restarts=3, restart_mean=True, **kw)
+    assert [t["value"] for t in r.trials] == [t["value"] for t in plain.trials]  # the restarts are unchanged
+    assert set(r.restart_mean_values) == {"oneshot", "sequential"}
+    before = plain.shipped_value
+    won = min(r.restart_mean_values.values()) < before
+    assert won == (force != "lose") or force is None
+    assert r.shipped_value == min(before, *r.restart_mean_values.values())
+    shapes = module_shapes(lm.model)
+    counts = {u: int((lm.model.get_parameter(f"model.layers.{u[0]}.{u[1]}.weight") == 0).sum(1).max())
+              for u in shapes}
+    if won:
+        assert r.shipped_trial is None and r.profile.meta["shipped_trial"] is None
+        assert r.profile.meta["restart_mean"] is True and r.profile.meta["shipped_restart"] is None
+        assert r.shipped == min(r.restart_mean_values, key=r.restart_mean_values.get)
+        # its allocation: the mean of the restarts' best trials, budget exact
+        bests = []
+        for name in {s.study_name for s in optuna.get_all_study_summaries(r.storage)}:
+            done = [t for t in optuna.load_study(study_name=name, storage=r.storage).get_trials()
+                    if t.state.name == "COMPLETE"]
+            ua = min(done, key=lambda t: (t.value, t.number)).user_attrs
+            bests.append(Profile(num_layers=2, sparsity=ua["layer_sparsity"], module_sparsity={
+                int(k): v for k, v in (ua.get("module_sparsity") or {}).items()}))
+        assert len(bests) == 3
+        got = profile_counts(r.profile, shapes)
+        for (i, name), (rows, cols) in shapes.items():
+            mean = sum(b.ratio(i, name) for b in bests) / 3 * cols
+            assert abs(got[(i, name)] - mean) <= 2
+        total = sum(rows * cols for rows, cols in shapes.values())
+        assert abs(realized_sparsity(shapes, got) - 0.5) <= max(rows for rows, _ in shapes.values()) / total
+        assert counts == got  # the model left behind is the mean's (at most that many zeros per row)
+    else:
+        assert r.shipped_trial == plain.shipped_trial and r.shipped == plain.shipped
+        assert r.profile.sparsity == plain.profile.sparsity and r.profile.meta["restart_mean"] is True
+        assert counts == profile_counts(plain.profile, shapes)
+    if force != "win":
+        ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+        assert Objective(lm.model, ids, 32, 2, "cpu", False)() == r.shipped_value  # shipped = scored
+    assert r.profile.meta["restart_mean_values"] == r.restart_mean_values
+
+
 @pytest.mark.parametrize("reprune", [0, 1])
 def test_selection_on_more_windows_ships_the_best_of_the_top_trials_there(tiny_llama, data_dir, tmp_path, reprune):
     """--select_top K: the K best trials are scored again on more windows; the shipped model is the best of them
@@ -867,6 +928,8 @@ BAD = {
                               "trend_layer", "--coarse_fraction", "1"], "coarse"),
     "owl without pruning": (["--layer_allocation", "owl"], "owl"),
     "no restarts": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--restarts", "0"], "restarts"),
+    "restart mean of one search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--restart_mean"],
+                                   "restart_mean"),
     "unknown coarse pruner": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--coarse_pruner", "x"],
                               "coarse_pruner"),
     "startup scale of 0": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--startup_scale", "0"],
