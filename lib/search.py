@@ -73,11 +73,16 @@ class SearchResult:
     prune: PruneResult | None = None  # masks and timings of the shipped pruning
     files: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def shipped_mean(self) -> bool:
+        """Whether the restarts' mean shipped (it has no trial, nor restart, of its own)."""
+        return self.shipped_trial is None and bool(self.restart_mean_values)
+
     def summary(self) -> dict[str, Any]:
         states = [r["state"] for r in self.trials]
         return {"best_value": self.best_value, "best_trial": self.best_trial, "shipped": self.shipped,
                 "shipped_value": self.shipped_value, "shipped_trial": self.shipped_trial,
-                "shipped_restart": self.shipped_restart, "restart_values": self.restart_values,
+                "shipped_restart": None if self.shipped_mean else self.shipped_restart, "restart_values": self.restart_values,
                 "reprune_values": {str(k): v for k, v in self.reprune_values.items()},
                 "selection_values": {str(k): v for k, v in self.selection_values.items()},
                 "elite_values": {str(k): v for k, v in self.elite_values.items()},

@@ -84,6 +84,8 @@ def markdown(cells: dict, tag: str) -> str:
                     + (f", best of {c['select_top']} on {s['selection_windows']}" if s.get("selection_windows") else "")
                     + (f", sampler seed {c['sampler_seed']}" if c.get("sampler_seed") else "")
                     + (f", best of {c['restarts']} restarts" if (c.get("restarts") or 1) > 1 else "")
+                    + ((" and their mean" + (" (shipped)" if s.get("shipped_trial") is None else " (lost)"))
+                       if c.get("restart_mean") else "")
                     + (f", the {c['elite_mean']} best averaged last"
                        + (" (best trial)" if str(s["best_trial"]) in (s.get("elite_values") or {}) else "")
                        if c.get("elite_mean") else "")

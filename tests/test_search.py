@@ -388,6 +388,7 @@ def test_restart_mean_prunes_the_mean_of_the_restarts_best_and_ships_it_only_whe
     if won:
         assert r.shipped_trial is None and r.profile.meta["shipped_trial"] is None
         assert r.profile.meta["restart_mean"] is True and r.profile.meta["shipped_restart"] is None
+        assert r.shipped_mean and r.summary()["shipped_restart"] is None
         assert r.shipped == min(r.restart_mean_values, key=r.restart_mean_values.get)
         # its allocation: the mean of the restarts' best trials, budget exact
         bests = []
@@ -406,7 +407,8 @@ def test_restart_mean_prunes_the_mean_of_the_restarts_best_and_ships_it_only_whe
         assert abs(realized_sparsity(shapes, got) - 0.5) <= max(rows for rows, _ in shapes.values()) / total
         assert counts == got  # the model left behind is the mean's (at most that many zeros per row)
     else:
-        assert r.shipped_trial == plain.shipped_trial and r.shipped == plain.shipped
+        assert r.shipped_trial == plain.shipped_trial and r.shipped == plain.shipped and not r.shipped_mean
+        assert r.summary()["shipped_restart"] == plain.shipped_restart
         assert r.profile.sparsity == plain.profile.sparsity and r.profile.meta["restart_mean"] is True
         assert counts == profile_counts(plain.profile, shapes)
     if force != "win":
