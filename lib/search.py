@@ -309,7 +309,7 @@ def _ship_restart_mean(result: SearchResult, runner: TrialRunner, space: SearchS
     mean = Allocation(unit_ratio={u: sum(a.unit_ratio[u] for a in allocs) / len(allocs) for u in space.shapes})
     prof = realized_profile(runner.model, mean.unit_ratio, cfg.target)
     counts = profile_counts(prof, space.shapes)
-    before = result.prune, result.shipped
+    before = result.prune  # the model shipped so far
     ways = (["oneshot"] if runner.oneshot is not None else []) + \
         (["sequential"] if runner.oneshot is None or cfg.reprune_top > 0 else [])
     won = None
@@ -331,7 +331,7 @@ def _ship_restart_mean(result: SearchResult, runner: TrialRunner, space: SearchS
             best = next(t for t in groups[result.shipped_restart] if t.number == result.shipped_trial)
             _, result.prune = runner.apply(allocation_of(space, best))
         else:
-            runner.restore_masks(before[0])
+            runner.restore_masks(before)
         return None
     if won != ways[-1] and cfg.method in SCORES:  # a later way lost: dense x the winner's masks is its model
         runner.restore_masks(result.prune)
