@@ -82,7 +82,8 @@ class SearchResult:
         states = [r["state"] for r in self.trials]
         return {"best_value": self.best_value, "best_trial": self.best_trial, "shipped": self.shipped,
                 "shipped_value": self.shipped_value, "shipped_trial": self.shipped_trial,
-                "shipped_restart": None if self.shipped_mean else self.shipped_restart, "restart_values": self.restart_values,
+                "shipped_restart": None if self.shipped_mean else self.shipped_restart,
+                "restart_values": self.restart_values,
                 "reprune_values": {str(k): v for k, v in self.reprune_values.items()},
                 "selection_values": {str(k): v for k, v in self.selection_values.items()},
                 "elite_values": {str(k): v for k, v in self.elite_values.items()},
@@ -190,7 +191,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         "mean_trial_seconds": sum(per_trial) / len(per_trial) if per_trial else None})
     if cfg.restarts > 1:
         result.profile.meta.update({"seed": cfg.seed + won.index, "restarts": cfg.restarts,
-                                    "shipped_restart": None if mean_profile is not None else won.index, "best_restart": best_restart.index,
+                                    "shipped_restart": None if result.shipped_mean else won.index,
+                                    "best_restart": best_restart.index,
                                     "restart_values": result.restart_values})
     result.seconds = time.perf_counter() - start
     if cfg.save_dir:
