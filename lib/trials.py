@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -347,19 +348,34 @@ class StudySearch:
         return out
 
     def _elite_trial(self) -> None:
-        """Evaluate the elite mean once per study (a resumed or shared study that has it does not again)."""
+        """Evaluate the elite mean once per study. A study that has it finished, or a live worker running it, does
+        not again; a killed run's (its heartbeat stale: failed, and queued again by the storage's retry callback)
+        is evaluated now, as any killed trial is redone. Journal files keep no heartbeats: a RUNNING elite trial
+        there counts as another worker's."""
         import optuna
+        from optuna.storages import fail_stale_trials
 
-        if any("elite_mean" in t.user_attrs for t in self.study.get_trials(deepcopy=False)):
-            return
-        params = self.elite_params()
-        if params is None:
-            logger.info("elite mean: fewer than two distinct complete trials to average; none evaluated")
+        state = optuna.trial.TrialState
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9, as heartbeats are
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(self.study)  # a no-op without heartbeats
+
+        def marked() -> list:
+            return [t for t in self.study.get_trials(deepcopy=False) if "elite_mean" in t.user_attrs]
+
+        if any(t.state in (state.COMPLETE, state.PRUNED, state.RUNNING) for t in marked()):
             return
         self.refine_stage()
-        self.study.enqueue_trial(params, user_attrs={"elite_mean": self.cfg.elite_mean})
-        self.study.optimize(self.objective, n_trials=1, gc_after_trial=False)
-        t = self.study.get_trials(deepcopy=False)[-1]
-        if t.state == optuna.trial.TrialState.COMPLETE:
-            logger.info("elite mean of the %d best trials: trial %d, %s %.4f (best %.4f)", self.cfg.elite_mean,
-                        t.number, self.cfg.objective, t.value, self.study.best_value)
+        if not any(t.state == state.WAITING for t in marked()):
+            params = self.elite_params()
+            if params is None:
+                logger.info("elite mean: fewer than two distinct complete trials to average; none evaluated")
+                return
+            self.study.enqueue_trial(params, user_attrs={"elite_mean": self.cfg.elite_mean})
+        # queued trials run oldest first: a killed ordinary trial queued again may come before the elite mean
+        while any(t.state == state.WAITING for t in marked()):
+            self.study.optimize(self.objective, n_trials=1, gc_after_trial=False)
+        for t in marked():
+            if t.state == state.COMPLETE:
+                logger.info("elite mean of the %d best trials: trial %d, %s %.4f (best %.4f)", self.cfg.elite_mean,
+                            t.number, self.cfg.objective, t.value, self.study.best_value)

@@ -1318,6 +1318,47 @@ def test_elite_mean_is_the_budgets_last_trial_the_rounded_mean_of_the_best_refin
         SearchConfig(target=0.5, elite_mean=1).check()
 
 
+@pytest.mark.parametrize("death", ["killed", "interrupted"])
+def test_an_elite_mean_trial_cut_short_is_evaluated_on_resume(tiny_llama, data_dir, tmp_path, monkeypatch, death):
+    """A run killed (the trial left RUNNING, its heartbeat going stale) or interrupted (Ctrl-C: the trial FAILs)
+    while it scores the elite mean: the resumed run evaluates the elite mean, not one more ordinary trial, and
+    ships what an uncut run ships."""
+    import sqlite3
+
+    from lib.trials import StudySearch
+
+    kw = dict(kind="sparsity", granularity="trend_layer", n_trials=40, budget_evals=10, coarse_fraction=0.5,
+              sparsity_range=0.2, objective_nsamples=4, pruner="median", seed=2, elite_mean=3)
+    whole, _ = _lib_search(tiny_llama, data_dir, tmp_path / "whole", **kw)
+    objective = StudySearch.objective
+
+    def cut(self, trial):
+        if "elite_mean" in trial.user_attrs:  # the process dies while the elite mean is scored
+            def die(*_a, **_k):
+                raise SystemExit("killed") if death == "killed" else KeyboardInterrupt()
+            monkeypatch.setattr(self.runner, "score", die)
+        return objective(self, trial)
+
+    monkeypatch.setattr(StudySearch, "objective", cut)
+    with pytest.raises(SystemExit if death == "killed" else KeyboardInterrupt):
+        _lib_search(tiny_llama, data_dir, tmp_path / "cut", **kw)
+    monkeypatch.undo()
+    db = tmp_path / "cut" / "search.db"
+    study = optuna.load_study(study_name=whole.study_name, storage=f"sqlite:///{db}")
+    left = [t.state.name for t in study.trials if "elite_mean" in t.user_attrs]
+    assert left == (["RUNNING"] if death == "killed" else ["FAIL"])
+    with sqlite3.connect(db) as con:  # the killed worker's last heartbeat, long ago
+        con.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00.000000'")
+    resumed, _ = _lib_search(tiny_llama, data_dir, tmp_path / "cut", **kw)
+    marked = [t for t in resumed.trials if t["elite_mean"] == 3]
+    assert [t["state"] for t in marked] == ["FAIL", "COMPLETE"]
+    uncut = [t for t in whole.trials if t["elite_mean"] == 3]
+    assert len(uncut) == 1 and marked[1]["value"] == uncut[0]["value"]
+    assert [t["value"] for t in resumed.trials if t["elite_mean"] is None] == \
+        [t["value"] for t in whole.trials if t["elite_mean"] is None]
+    assert resumed.shipped_value == whole.shipped_value
+
+
 def test_elite_mean_of_trend_parameters_runs_to_the_end_unpruned(tiny_llama, data_dir, tmp_path):
     """A real-valued space: the mean of the best trends is a new point, scored on every window whatever the
     pruner, and recorded as the elite mean in the CSV."""
