@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lib.prune import METHODS
     from lib.samplers import COARSE_SAMPLERS, PRUNERS, SAMPLERS
-    from lib.search_space import DEFAULT_GRANULARITY, GRANULARITIES, SearchConfig
+    from lib.search_config import DEFAULT_GRANULARITY, GRANULARITIES, SearchConfig
 
     p = _Parser(prog="main.py", description="Post-training pruning and KV-cache compression for LLaMA/LLaVA models.")
     p.add_argument("--model", required=True, help="hub id or local directory (LLaMA-family causal LM, LLaVA-1.5/1.6)")
@@ -350,7 +350,7 @@ def resolve_search(args, pattern) -> None:
 
 
 def search_config(args, target: float):
-    from lib.search_space import SearchConfig
+    from lib.search_config import SearchConfig
 
     return SearchConfig(
         target=target, kind=args.search, granularity=args.search_granularity, num_blocks=args.num_blocks or 8,
@@ -370,7 +370,7 @@ def search_config(args, target: float):
 
 def validate_search(args, pattern) -> None:
     """Search and OWL flag combinations that cannot work; raises UsageError before any loading."""
-    from lib.search_space import SearchError
+    from lib.search_config import SearchError
 
     resolve_search(args, pattern)
     if args.search in ("sparsity", "joint"):
@@ -486,7 +486,7 @@ def selection_tokens(args, tokenizer, seqlen: int, processor=None):
     """The selection's windows (--select_top), drawn as the objective's are; None without a selection, or when
     the objective's text already holds them (the first windows of a validation split: the search reuses it)."""
     from lib.mmdata import is_image_text
-    from lib.search_space import selection_nsamples
+    from lib.search_config import selection_nsamples
 
     reads_first = not (is_image_text(args.objective_dataset) or objective_draws_calibration(args)
                        or args.objective_windows == "spread")
@@ -1107,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
     from lib.masks import MaskError
     from lib.models import ModelLoadError
     from lib.profile import ProfileError
-    from lib.search_space import SearchError
+    from lib.search_config import SearchError
 
     try:
         return run(args)

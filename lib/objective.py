@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .eval import nll_layerwise, window_nll, windows
-from .search_space import SearchError
+from .search_config import SearchError
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Adaptive search of layer-wise sparsity (and per-layer KV bits) with Optuna, then the model it ships.
 
-The pieces, one module each: the space and its feasible-by-construction map (:mod:`lib.search_space`), what
-trials prune from (:mod:`lib.oneshot`), the objective scored window by window (:mod:`lib.objective`),
-samplers and pruners (:mod:`lib.samplers`), storage and study checks (:mod:`lib.study`), and the CSV and
-plot (:mod:`lib.search_report`), the trials of one study (:mod:`lib.trials`). This module runs the restarts'
-studies and ships the result.
+The pieces, one module each: the settings (:mod:`lib.search_config`), the space and its feasible-by-construction
+map (:mod:`lib.search_space`), what trials prune from (:mod:`lib.oneshot`), the objective scored window by
+window (:mod:`lib.objective`), samplers and pruners (:mod:`lib.samplers`), storage and study checks
+(:mod:`lib.study`), and the CSV and plot (:mod:`lib.search_report`), the trials of one study
+(:mod:`lib.trials`). This module runs the restarts' studies and ships the result.
 
 Shipped = scored. The final model is pruned with exactly the procedure its trials were scored with
 (``oneshot``: thresholding scores from dense activations; ``sequential``: Wanda-style recalibration, which
@@ -36,8 +36,8 @@ from .oneshot import SCORES
 from .profile import Profile
 from .prune import PruneResult
 from .search_report import plot_profile, trial_row, write_trials_csv
-from .search_space import (Allocation, SearchConfig, SearchError, SearchSpace, module_shapes, profile_counts,
-                           realized_profile, selection_nsamples)
+from .search_config import SearchConfig, SearchError, selection_nsamples
+from .search_space import Allocation, SearchSpace, module_shapes, profile_counts, realized_profile
 from .study import default_study_name, restart_study_name, scoring_fingerprint, storage_url
 from .trials import StudySearch, TrialRunner, allocation_of
 

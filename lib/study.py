@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .search_space import SearchConfig, SearchError
+from .search_config import SearchConfig, SearchError
 
 
 def storage_url(cfg: SearchConfig) -> str:

@@ -22,8 +22,8 @@ from .oneshot import DenseSnapshot, OneShotPruner, dense_input_stats
 from .profile import Profile
 from .prune import PruneResult, check_sparsity, prune_optspa, prune_sparsegpt, prune_wanda
 from .samplers import coarse_popsize, make_pruner, make_sampler
-from .search_space import (Allocation, SearchConfig, SearchError, SearchSpace, Unit, profile_counts,
-                           realized_profile)
+from .search_config import SearchConfig, SearchError
+from .search_space import Allocation, SearchSpace, Unit, profile_counts, realized_profile
 from .sparsity import SparsityType
 from .study import open_study
 

@@ -381,7 +381,7 @@ class Bench:
 
     def run_search(self, method: str, target: float, variant: str) -> dict:
         from lib.search import run_search
-        from lib.search_space import SearchConfig, selection_nsamples
+        from lib.search_config import SearchConfig, selection_nsamples
 
         v = variant_settings(variant)
         a = self.args
@@ -454,7 +454,8 @@ class Bench:
 
         from lib.objective import Objective
         from lib.oneshot import OneShotPruner, dense_input_stats
-        from lib.search_space import SearchConfig, SearchSpace, module_shapes, profile_counts, realized_profile
+        from lib.search_config import SearchConfig
+        from lib.search_space import SearchSpace, module_shapes, profile_counts, realized_profile
         from lib.trials import prune_sequential
 
         shapes = module_shapes(self.model)
@@ -538,7 +539,7 @@ class Bench:
 
     def kv_search(self, method: str, target: float, avg: float, choices: list[int]) -> dict:
         from lib.search import run_search
-        from lib.search_space import SearchConfig
+        from lib.search_config import SearchConfig
 
         a = self.args
         kind = "kv" if target == 0 else "joint"

@@ -175,7 +175,7 @@ def write_profiles(cells: dict, tag: str, profiles_dir: str, variants: list[str]
 
 def profiles_markdown(profiles_dir: str, cells_dir: str) -> str:
     """One row per shipped profile, with the measured numbers of the benchmark cell that wrote it."""
-    from lib.search_space import default_coarse_fraction
+    from lib.search_config import default_coarse_fraction
 
     lines = ["| file | model | method | target | unit, range | shipped | WikiText-2 test | uniform (same method) | "
              "gap closed |", "|---|---|---|---|---|---|---|---|---|"]

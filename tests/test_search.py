@@ -25,8 +25,8 @@ from lib.oneshot import DenseSnapshot, dense_input_stats
 from lib.search import run_search
 from lib.samplers import make_pruner
 from lib.study import open_storage
-from lib.search_space import (SearchConfig, SearchError, SearchSpace, band_bytes_estimate, module_shapes,
-                              profile_counts, realize, realized_sparsity)
+from lib.search_config import SearchConfig, SearchError
+from lib.search_space import SearchSpace, band_bytes_estimate, module_shapes, profile_counts, realize, realized_sparsity
 from lib.sparsity import SparsityType
 
 # tiny models: head_dim 16
@@ -718,7 +718,7 @@ def test_a_search_reads_spread_validation_windows(tiny_llama, data_dir, tmp_path
 
 
 def test_the_default_range_grows_with_the_target():
-    from lib.search_space import default_sparsity_range
+    from lib.search_config import default_sparsity_range
 
     assert [default_sparsity_range(t) for t in (0.3, 0.5, 0.6, 0.65, 0.7, 0.9)] == [0.2, 0.2, 0.2, 0.25, 0.3, 0.3]
     assert SearchConfig(target=0.7).sparsity_range == 0.3 and SearchConfig(target=0.5).sparsity_range == 0.2
@@ -728,7 +728,7 @@ def test_the_default_range_grows_with_the_target():
 
 
 def test_the_default_trend_share_follows_the_target(tiny_llama, data_dir, tmp_path):
-    from lib.search_space import default_coarse_fraction
+    from lib.search_config import default_coarse_fraction
 
     assert [default_coarse_fraction(t) for t in (0.3, 0.5, 0.55, 0.6, 0.7, 0.9)] == [0.25, 0.25, 0.375, 0.5, 0.5, 0.5]
     assert SearchConfig(target=0.7).coarse_fraction == 0.5 and SearchConfig(target=0.5).coarse_fraction == 0.25
