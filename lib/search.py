@@ -69,6 +69,10 @@ class SearchResult:
     restart_mean_values: dict[str, float] = field(default_factory=dict)
     selection_windows: int | None = None  # windows of the selection objective (None: no selection)
     selection_evals: float = 0.0  # the selection's cost, in full evaluations of the trials' objective
+    # sequential re-prunes after the trials (the best's, the restarts', their mean's): wall time, and that time
+    # in this run's full evaluations (its complete trials' mean seconds); not in cost_evals, which counts windows
+    reprune_seconds: float = 0.0
+    reprune_evals: float | None = None
     memory: dict[str, float] = field(default_factory=dict)
     prune: PruneResult | None = None  # masks and timings of the shipped pruning
     files: dict[str, str] = field(default_factory=dict)
@@ -89,6 +93,7 @@ class SearchResult:
                 "elite_values": {str(k): v for k, v in self.elite_values.items()},
                 "restart_mean_values": dict(self.restart_mean_values),
                 "selection_windows": self.selection_windows, "selection_evals": self.selection_evals,
+                "reprune_seconds": self.reprune_seconds, "reprune_evals": self.reprune_evals,
                 "seconds": self.seconds, "wasted_fraction": self.wasted_fraction, "cost_evals": self.cost_evals,
                 "complete_trials": states.count("COMPLETE"), "pruned_trials": states.count("PRUNED"),
                 "memory": self.memory}
@@ -178,6 +183,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                            for r, group in zip(restarts, groups) for t in group if "elite_mean" in t.user_attrs}
     result.wasted_fraction = sum(1 for r in rows if r["state"] == "COMPLETE" and r["feasible"] is False) / len(complete)
     per_trial = [t.user_attrs.get("trial_seconds") for t in complete if t.user_attrs.get("trial_seconds")]
+    if per_trial and result.reprune_seconds:
+        result.reprune_evals = result.reprune_seconds / (sum(per_trial) / len(per_trial))
     result.profile.meta.update({
         "best_trial": best.number, "best_value": best.value, "shipped": result.shipped,
         "shipped_trial": result.shipped_trial,
@@ -186,6 +193,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         "elite_values": result.summary()["elite_values"],
         "restart_mean_values": dict(result.restart_mean_values),
         "selection_evals": result.selection_evals, "n_trials": len(rows), "complete_trials": len(complete),
+        "reprune_seconds": result.reprune_seconds, "reprune_evals": result.reprune_evals,
         "cost_evals": result.cost_evals,
         "wasted_fraction": result.wasted_fraction,
         "mean_trial_seconds": sum(per_trial) / len(per_trial) if per_trial else None})
@@ -202,14 +210,15 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         result.files["plot"] = f"{cfg.save_dir}/profile_{cfg.kind}_s{cfg.target:.2f}.png"
         plot_profile(result.files["plot"], result.profile, f"{name}: best {cfg.objective} {best.value:.4g}")
     logger.info("search done: best trial %d, %s %.4f; shipped %s%s, %s model scores %.4f%s; %d trials "
-                "(%d complete), %.1f full evaluations (+%.1f selecting), %.1f s", best.number, cfg.objective,
+                "(%d complete), %.1f full evaluations (+%.1f selecting), re-prunes %.0f s, %.1f s", best.number,
+                cfg.objective,
                 best.value, "the restarts' mean" if result.shipped_mean else f"trial {result.shipped_trial}",
                 "" if result.shipped_mean else
                 f" of restart {won.index} (seed {cfg.seed + won.index})" if cfg.restarts > 1 else "",
                 result.shipped or "-",
                 result.shipped_value if result.shipped_value is not None else float("nan"),
                 f" on {result.selection_windows} selection windows" if result.selection_windows else "", len(rows),
-                len(complete), result.cost_evals, result.selection_evals, result.seconds)
+                len(complete), result.cost_evals, result.selection_evals, result.reprune_seconds, result.seconds)
     return result
 
 
@@ -222,6 +231,14 @@ def _distinct(groups: list[list]) -> list[tuple[int, Any]]:
         if t.user_attrs.get("key") not in seen:
             seen.add(t.user_attrs.get("key"))
             out.append((i, t))
+    return out
+
+
+def _sequential(result: SearchResult, prune, *args):
+    """A sequential pruning after the trials (minutes each on a CPU), its wall time added to the result's."""
+    t0 = time.perf_counter()
+    out = prune(*args)
+    result.reprune_seconds += time.perf_counter() - t0
     return out
 
 
@@ -279,7 +296,7 @@ def _ship(result: SearchResult, runner: TrialRunner, space: SearchSpace, groups:
         i, t = p
         cand = allocation_of(space, t)
         cand_prof = realized_profile(runner.model, cand.unit_ratio, cfg.target)
-        res = runner.reprune(cand_prof)
+        res = _sequential(result, runner.reprune, cand_prof)
         value = runner.score(cand, objective=judge)
         result.reprune_values[label(i, t)] = value
         logger.info("sequential re-prune of trial %s: %s %.4f (its oneshot model %.4f)", label(i, t),
@@ -321,7 +338,7 @@ def _ship_restart_mean(result: SearchResult, runner: TrialRunner, space: SearchS
             runner.oneshot.rebuild(counts)
             res = runner.oneshot.masks()
         else:
-            res = runner.reprune(prof)
+            res = _sequential(result, runner.reprune, prof)
         value = runner.score(mean, objective=judge)
         result.restart_mean_values[how] = value
         logger.info("the mean of the %d restarts' best allocations, pruned %s: %s %.4f (shipped so far %.4f)",
@@ -331,7 +348,7 @@ def _ship_restart_mean(result: SearchResult, runner: TrialRunner, space: SearchS
     if won is None:  # the model shipped before, exactly as scored
         if cfg.method not in SCORES:  # SparseGPT moved weights (its trials are sequential): prune it again
             best = next(t for t in groups[result.shipped_restart] if t.number == result.shipped_trial)
-            _, result.prune = runner.apply(allocation_of(space, best))
+            _, result.prune = _sequential(result, runner.apply, allocation_of(space, best))
         else:
             runner.restore_masks(before)
         return None

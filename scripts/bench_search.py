@@ -78,6 +78,7 @@ VARIANTS = {  # the ablations that choose the defaults
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
     "seed1": {"sampler_seed": 1}, "seed2": {"sampler_seed": 2}, "seed3": {"sampler_seed": 3},
+    "seed4": {"sampler_seed": 4},  # with x2m: restarts seeded 4 and 5 (a third pair)
     # --restarts 3 in one run (seeds 0, 1, 2 sharing the setup): its wall time, and the check that it ships what
     # the restarts table reads off the seed cells
     "x3": {"restarts": 3},

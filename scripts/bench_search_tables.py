@@ -97,6 +97,8 @@ def markdown(cells: dict, tag: str) -> str:
         cost = f"{s['cost_evals']:.1f} ({s['complete_trials']}/{s['pruned_trials']})" if s else ""
         if s and s.get("selection_evals"):
             cost += f" + {s['selection_evals']:.0f} selecting"
+        if s and s.get("reprune_evals"):  # recorded from 7 December 2026: the re-prunes' time in evaluations
+            cost += f" + {s['reprune_evals']:.0f} re-pruning"
         per_eval = f"{s['s_per_eval']:.1f}" if s and s.get("s_per_eval") else ""
         mem = (f"{s['memory']['band_ratio']:.2f}x band + {s['memory']['total_ratio'] - s['memory']['band_ratio']:.2f}x "
                "host copy") if s else ""

@@ -170,6 +170,11 @@ def test_restarts_cell_ships_what_the_seed_cells_read_as_restarts(tiny_llama, da
     assert x3["search"]["shipped_value"] == picked["search"]["shipped_value"]
     assert x3["wikitext2_test"] == picked["wikitext2_test"]
     assert x3["search"]["cost_evals"] == sum(c["search"]["cost_evals"] for c in seeds)
+    # each restart's best re-pruned: their time is recorded beside the evaluations and shown in the table's row
+    assert x3["search"]["reprune_seconds"] > 0 and x3["search"]["reprune_evals"] > 0
+    row = next(line for line in load_script("bench_search").markdown({"x3": x3}, tag).splitlines()
+               if "default+x3" in line)
+    assert f"+ {x3['search']['reprune_evals']:.0f} re-pruning |" in row
 
 
 def test_kvafter_scores_the_searched_model_under_a_uniform_kv_cache(tiny_llama, data_dir, tmp_path):

@@ -312,10 +312,16 @@ def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, r
     assert measured == r.shipped_value
     if reprune == 0:
         assert r.shipped == "oneshot" and r.shipped_value == r.best_value and not r.reprune_values
+        assert r.reprune_seconds == 0.0 and r.reprune_evals is None
     else:
         assert len(r.reprune_values) == 2
         assert r.shipped_value == min([r.best_value, *r.reprune_values.values()])
         assert r.shipped == ("sequential" if min(r.reprune_values.values()) < r.best_value else "oneshot")
+        # the re-prunes' time, also in full evaluations of this run (its complete trials' mean seconds)
+        secs = [t["trial_seconds"] for t in r.trials if t["state"] == "COMPLETE" and t["trial_seconds"]]
+        assert 0 < r.reprune_seconds < r.seconds
+        assert r.reprune_evals == pytest.approx(r.reprune_seconds / (sum(secs) / len(secs)))
+        assert r.profile.meta["reprune_seconds"] == r.reprune_seconds == r.summary()["reprune_seconds"]
     assert r.profile.meta["shipped"] == r.shipped and r.profile.meta["shipped_value"] == r.shipped_value
     masks = {n: unpack(m, r.prune.shapes[n]) for n, m in r.prune.masks.items()}
     for name, mask in masks.items():  # the reported masks are the model's zeros
