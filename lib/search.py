@@ -183,8 +183,9 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                            for r, group in zip(restarts, groups) for t in group if "elite_mean" in t.user_attrs}
     result.wasted_fraction = sum(1 for r in rows if r["state"] == "COMPLETE" and r["feasible"] is False) / len(complete)
     per_trial = [t.user_attrs.get("trial_seconds") for t in complete if t.user_attrs.get("trial_seconds")]
-    if per_trial and result.reprune_seconds:
-        result.reprune_evals = result.reprune_seconds / (sum(per_trial) / len(per_trial))
+    mean_trial = sum(per_trial) / len(per_trial) if per_trial else None
+    if mean_trial and result.reprune_seconds:
+        result.reprune_evals = result.reprune_seconds / mean_trial
     result.profile.meta.update({
         "best_trial": best.number, "best_value": best.value, "shipped": result.shipped,
         "shipped_trial": result.shipped_trial,
@@ -196,7 +197,7 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         "reprune_seconds": result.reprune_seconds, "reprune_evals": result.reprune_evals,
         "cost_evals": result.cost_evals,
         "wasted_fraction": result.wasted_fraction,
-        "mean_trial_seconds": sum(per_trial) / len(per_trial) if per_trial else None})
+        "mean_trial_seconds": mean_trial})
     if cfg.restarts > 1:
         result.profile.meta.update({"seed": cfg.seed + won.index, "restarts": cfg.restarts,
                                     "shipped_restart": None if result.shipped_mean else won.index,
@@ -210,9 +211,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         result.files["plot"] = f"{cfg.save_dir}/profile_{cfg.kind}_s{cfg.target:.2f}.png"
         plot_profile(result.files["plot"], result.profile, f"{name}: best {cfg.objective} {best.value:.4g}")
     logger.info("search done: best trial %d, %s %.4f; shipped %s%s, %s model scores %.4f%s; %d trials "
-                "(%d complete), %.1f full evaluations (+%.1f selecting), re-prunes %.0f s, %.1f s", best.number,
-                cfg.objective,
-                best.value, "the restarts' mean" if result.shipped_mean else f"trial {result.shipped_trial}",
+                "(%d complete), %.1f full evaluations (+%.1f selecting), re-prunes %.0f s, %.1f s",
+                best.number, cfg.objective, best.value, "the restarts' mean" if result.shipped_mean else f"trial {result.shipped_trial}",
                 "" if result.shipped_mean else
                 f" of restart {won.index} (seed {cfg.seed + won.index})" if cfg.restarts > 1 else "",
                 result.shipped or "-",
