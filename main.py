@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "oneshot and re-pruned as --reprune_top allows, score it on the objective and ship it "
                         "only if it beats every restart's model (bagging: the restarts' noise averages out)")
     s.add_argument("--trial_mode", default="auto", choices=["auto", "oneshot", "sequential"],
-                   help="oneshot: scores from dense activations once, each trial thresholds; sequential: "
-                        "layer-by-layer recalibration per trial; auto: oneshot, sequential for sparsegpt")
+                   help="oneshot: from dense activations once, each trial thresholds the scores (SparseGPT: "
+                        "runs its layer-wise passes on the dense Hessians); sequential: layer-by-layer "
+                        "recalibration per trial; auto: oneshot")
     s.add_argument("--reprune_top", type=int, default=1,
                    help="after the search, re-prune the best K profiles sequentially, score them on the same "
                         "objective and ship one only if it beats the best trial (default 1; 0 = off)")
@@ -324,7 +325,7 @@ def resolve_search(args, pattern) -> None:
 
     ``--prune_method optspa`` is "search, then prune", as in the original tool, unless a profile, masks, an
     explicit ``--layer_allocation`` or ``--search none`` says otherwise; N:M patterns are uniform by
-    construction. ``--trial_mode auto`` is oneshot except for SparseGPT, whose weight updates depend on the mask.
+    construction. ``--trial_mode auto`` is oneshot (for SparseGPT: its passes on the dense model's Hessians).
     """
     if args.search == "none":
         args.search = None
@@ -339,7 +340,7 @@ def resolve_search(args, pattern) -> None:
     if args.layer_allocation is None:
         args.layer_allocation = "uniform"
     if args.trial_mode == "auto":
-        args.trial_mode = "sequential" if args.prune_method == "sparsegpt" else "oneshot"
+        args.trial_mode = "oneshot"
     if args.objective_dataset is None:
         args.objective_dataset = args.calib_dataset if args.objective == "kl" else "wikitext2"
     from lib import mmdata
@@ -387,9 +388,6 @@ def validate_search(args, pattern) -> None:
                              "drop it or --search")
         if args.use_variant:
             raise UsageError("--use_variant sets its own per-row ratios; it cannot follow a searched profile")
-        if args.prune_method == "sparsegpt" and args.trial_mode == "oneshot":
-            raise UsageError("SparseGPT's weight updates depend on the mask: its trials are sequential "
-                             "(--trial_mode sequential or auto)")
     if args.search in ("kv", "joint") and (args.kv_bits is not None or args.kv_profile is not None):
         raise UsageError(f"--search {args.search} searches the KV bits; do not combine it with "
                          f"{'--kv_bits' if args.kv_bits is not None else '--kv_profile'}")
@@ -722,7 +720,7 @@ def load(st: Run) -> None:
     dtype = next(model.parameters()).dtype
     buffers = models.calib_buffer_bytes(args.nsamples, st.seqlen, models.text_config(model).hidden_size, dtype) \
         if needs_calibration(args) else 0
-    if args.search in ("sparsity", "joint") and args.trial_mode == "oneshot":
+    if args.search in ("sparsity", "joint") and args.trial_mode == "oneshot" and args.prune_method != "sparsegpt":
         from lib.search_space import band_bytes_estimate
 
         linears = sum(m.weight.numel() for layer in models.decoder_layers(model)
@@ -828,8 +826,8 @@ def prune(st: Run) -> None:
 
         if shipped_oneshot(profile, method, pattern.structured):
             # The search shipped (and scored) this profile pruned oneshot: apply it the same way.
-            logger.info("the profile shipped a oneshot-pruned model: scores from dense activations, thresholded")
-            st.result = prune_oneshot(model, calib, profile, method, device, offload)
+            logger.info("the profile shipped a oneshot-pruned model: pruned from the dense model's activations")
+            st.result = prune_oneshot(model, calib, profile, method, device, offload, args.blocksize, args.percdamp)
         elif method == "wanda":
             st.result = prune_wanda(model, calib, profile, pattern, device, offload, use_variant=args.use_variant)
         elif method == "optspa":

@@ -8,10 +8,15 @@ kept as a bit mask, for the saved masks). Scores and orders are computed on the 
 indices live beside the weight they belong to, and a trial that prunes less puts the dense values back from
 the host snapshot (:class:`DenseSnapshot`), a few columns per row. Memory besides the model on the device:
 the band's indices plus one bit per weight (:meth:`OneShotPruner.nbytes`), reported by the search.
+
+SparseGPT's oneshot trials (:class:`OneShotSparseGPT`) take every linear's Hessian from the dense model's
+inputs, factor it once (kept on the host), and run the OBS pass per trial from the dense weights: each layer
+compressed on its own, as EvoPress builds its levels, rather than on the pruned layers' outputs.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -22,7 +27,8 @@ from .layerwise import capture_layer_inputs
 from .masks import pack, unpack
 from .models import decoder_layers, find_linears, layer_prefix
 from .offload import on_device
-from .prune import InputStats, collect_layer_inputs
+from .prune import InputStats, PruneResult, collect_layer_inputs
+from .sparsegpt import SparseGPT, inverse_factor, obs_prune
 from .sparsity import optspa_score, wanda_score
 
 logger = logging.getLogger(__name__)
@@ -31,6 +37,7 @@ Unit = tuple[int, str]
 SCORES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "optspa": optspa_score, "wanda": wanda_score,
 }
+ONESHOT_METHODS = (*SCORES, "sparsegpt")
 
 
 def linear_modules(model: nn.Module) -> dict[Unit, nn.Linear]:
@@ -43,9 +50,11 @@ class DenseSnapshot:
     def __init__(self, model: nn.Module):
         self.modules = linear_modules(model)
         self.weights = {u: m.weight.data.detach().to("cpu", copy=True) for u, m in self.modules.items()}
+        self.restores = 0  # counts restore(): a pruner that caches what the weights hold knows when it is stale
 
     @torch.no_grad()
     def restore(self) -> None:
+        self.restores += 1
         for u, m in self.modules.items():
             m.weight.data.copy_(self.weights[u].to(m.weight.device, non_blocking=True))
 
@@ -54,21 +63,46 @@ class DenseSnapshot:
 
 
 @torch.no_grad()
-def dense_input_stats(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device,
-                      offload: bool = False) -> dict[Unit, torch.Tensor]:
-    """Mean of x_j^2 over calibration tokens for every prunable linear, from the *dense* model, layer by
-    layer through the shared capture path (used by oneshot trials and OWL)."""
+def _dense_pass(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device, offload: bool,
+                collector: Callable[[nn.Linear], object], result: Callable[[object], object], desc: str) -> dict:
+    """One pass over the *dense* model, layer by layer through the shared capture path: ``collector(linear)``
+    sees every prunable linear's inputs, and ``result(collector)`` is kept per unit."""
     device = torch.device(device)
     inputs = capture_layer_inputs(model, calib, device)
-    stats: dict[Unit, torch.Tensor] = {}
-    for i, layer in enumerate(tqdm(decoder_layers(model), desc="dense stats", leave=False)):
+    out: dict[Unit, object] = {}
+    for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, leave=False)):
         with on_device(layer, device, offload):
-            collectors = {n: InputStats(m, optspa_score) for n, m in find_linears(layer).items()}
+            collectors = {n: collector(m) for n, m in find_linears(layer).items()}
             # One pass: statistics and the dense outputs that feed the next layer.
             inputs.hidden = collect_layer_inputs(layer, inputs, device, collectors, keep=True)
             for n, c in collectors.items():
-                stats[(i, n)] = c.mean_sq.cpu()
-    return stats
+                out[(i, n)] = result(c)
+    return out
+
+
+def dense_input_stats(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device,
+                      offload: bool = False) -> dict[Unit, torch.Tensor]:
+    """Mean of x_j^2 over calibration tokens for every prunable linear, from the dense model (used by oneshot
+    trials and OWL)."""
+    return _dense_pass(model, calib, device, offload, lambda m: InputStats(m, optspa_score),
+                       lambda c: c.mean_sq.cpu(), "dense stats")
+
+
+def dense_hessian_factors(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device,
+                          offload: bool = False, percdamp: float = 0.01) -> dict[Unit, tuple[torch.Tensor, ...]]:
+    """SparseGPT's damped inverse-Hessian factor and dead inputs (:func:`lib.sparsegpt.inverse_factor`) of every
+    prunable linear from the dense model's inputs, on the host. Linears that read the same input (q, k, v;
+    gate, up: neighbours in module order) share one factor."""
+    last: list = []
+
+    def factor(solver: SparseGPT):
+        if last and torch.equal(last[0], solver.H):
+            return last[1]
+        Hinv, dead = inverse_factor(solver.H.clone(), percdamp)
+        last[:] = [solver.H, (Hinv.cpu(), dead.cpu())]
+        return last[1]
+
+    return _dense_pass(model, calib, device, offload, SparseGPT, factor, "dense hessians")
 
 
 class _Band:
@@ -157,8 +191,6 @@ class OneShotPruner:
 
     def masks(self):
         """The current masks as a :class:`lib.prune.PruneResult` (what ``--save`` writes)."""
-        from .prune import PruneResult
-
         result = PruneResult()
         for (i, name), band in self.bands.items():
             result.add(f"{self.prefix}{i}.{name}.weight", band.mask(tuple(self.modules[(i, name)].weight.shape)))
@@ -167,28 +199,100 @@ class OneShotPruner:
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.bands.values())
 
+    def host_nbytes(self) -> int:
+        return 0  # the always-pruned bits are counted in nbytes()
+
+
+class OneShotSparseGPT:
+    """SparseGPT with every linear's Hessian from the dense model's inputs (EvoPress's layer-wise
+    compression, without its database of levels): the damped inverse-Hessian factors are computed once
+    (:func:`dense_hessian_factors`), and :meth:`apply` runs the OBS pass of each module whose count changed,
+    from its dense weights (the host snapshot), at ``count_ratio(k, cols)``. The same counts give the same
+    weights, so the shipped model is the scored one. Without a snapshot each module can be pruned once (the
+    model's own weights are the dense ones), which is how a shipped profile is applied again."""
+
+    def __init__(self, model: nn.Module, factors: dict[Unit, tuple[torch.Tensor, torch.Tensor]],
+                 device: str | torch.device, dense: DenseSnapshot | None = None, blocksize: int = 128):
+        self.modules = linear_modules(model)
+        self.prefix = layer_prefix(model)
+        self.factors, self.dense, self.blocksize = factors, dense, blocksize
+        self.device = torch.device(device)
+        self.counts: dict[Unit, int] = {}  # what each module's weight holds now
+        self.packed: dict[Unit, torch.Tensor] = {}
+        self.restores = dense.restores if dense is not None else 0
+
+    @torch.no_grad()
+    def apply(self, counts: dict[Unit, int]) -> None:
+        from .search_space import count_ratio
+
+        if self.dense is not None and self.dense.restores != self.restores:  # the weights were put back dense
+            self.counts, self.restores = {}, self.dense.restores
+        for u, k in tqdm(counts.items(), desc="sparsegpt oneshot", leave=False):
+            if self.counts.get(u) == k:
+                continue
+            mod = self.modules[u]
+            if self.dense is None and u in self.counts:
+                raise ValueError("pruning a module again needs the dense snapshot")
+            dense = self.dense.weights[u] if self.dense is not None else mod.weight.data
+            W = dense.to(self.device, torch.float32, copy=True)
+            Hinv, dead = (t.to(self.device) for t in self.factors[u])
+            mask = obs_prune(W, Hinv, dead, count_ratio(k, W.shape[1]), blocksize=self.blocksize)
+            mod.weight.data.copy_(W.to(mod.weight.device, mod.weight.dtype))
+            self.packed[u], self.counts[u] = pack(mask.cpu()), k
+
+    def rebuild(self, counts: dict[Unit, int]) -> None:
+        """After the model's weights were restored to dense: prune ``counts`` again, exactly as :meth:`apply`."""
+        self.counts = {}
+        self.apply(counts)
+
+    def masks(self) -> PruneResult:
+        result = PruneResult()
+        for (i, name), packed in self.packed.items():
+            result.add(f"{self.prefix}{i}.{name}.weight", unpack(packed, tuple(self.modules[(i, name)].weight.shape)))
+        return result
+
+    def nbytes(self) -> int:
+        return 0  # the factors stay on the host; each moves to the device for its module's pass
+
+    def host_nbytes(self) -> int:
+        seen = {id(f[0]): f for f in self.factors.values()}  # shared factors counted once
+        return sum(t.numel() * t.element_size() for f in seen.values() for t in f)
+
+
+def oneshot_pruner(model: nn.Module, calib: list[torch.Tensor], method: str, bounds: dict[Unit, tuple[int, int]],
+                   device: str | torch.device, offload: bool = False, dense: DenseSnapshot | None = None,
+                   blocksize: int = 128, percdamp: float = 0.01):
+    """The oneshot pruner of ``method``: thresholded scores (wanda, optspa) or SparseGPT's layer-wise passes."""
+    if method == "sparsegpt":
+        factors = dense_hessian_factors(model, calib, device, offload, percdamp)
+        return OneShotSparseGPT(model, factors, device, dense, blocksize)
+    return OneShotPruner(model, dense_input_stats(model, calib, device, offload), method, bounds, device, dense)
+
 
 def shipped_oneshot(profile, method: str, structured: bool = False) -> bool:
     """Whether ``profile`` must be applied as a oneshot search shipped it (scores from the dense model,
     thresholded) rather than by ``method``'s own layer-by-layer pruning: the one rule every re-apply follows."""
-    return profile.meta.get("shipped") == "oneshot" and method in SCORES and not structured
+    return profile.meta.get("shipped") == "oneshot" and method in ONESHOT_METHODS and not structured
 
 
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, calib: list[torch.Tensor], profile, method: str, device: str | torch.device,
-                  offload: bool = False):
-    """Prune ``profile`` as oneshot search trials do (scores from the dense model's activations, thresholded
-    per row): how a profile that shipped a oneshot model is applied again. Returns a PruneResult."""
-    import time
-
-    from .prune import PruneResult
+                  offload: bool = False, blocksize: int = 128, percdamp: float = 0.01) -> PruneResult:
+    """Prune ``profile`` as oneshot search trials do (from the dense model's activations: scores thresholded per
+    row, or SparseGPT's layer-wise passes): how a profile that shipped a oneshot model is applied again."""
     from .search_space import module_shapes, profile_counts
 
     t0 = time.perf_counter()
-    stats = dense_input_stats(model, calib, device, offload)
-    t1 = time.perf_counter()
     counts = profile_counts(profile, module_shapes(model))
-    pruner = OneShotPruner(model, stats, method, {u: (k, k) for u, k in counts.items()}, device)
+    if method == "sparsegpt":
+        factors = dense_hessian_factors(model, calib, device, offload, percdamp)
+        t1 = time.perf_counter()
+        pruner = OneShotSparseGPT(model, factors, device, None, blocksize)
+        pruner.apply(counts)
+    else:
+        stats = dense_input_stats(model, calib, device, offload)
+        t1 = time.perf_counter()
+        pruner = OneShotPruner(model, stats, method, {u: (k, k) for u, k in counts.items()}, device)
     result = pruner.masks()
     result.calib_seconds, result.prune_seconds = t1 - t0, time.perf_counter() - t1
     return result

@@ -7,8 +7,8 @@ window (:mod:`lib.objective`), samplers and pruners (:mod:`lib.samplers`), stora
 (:mod:`lib.trials`). This module runs the restarts' studies and ships the result.
 
 Shipped = scored. The final model is pruned with exactly the procedure its trials were scored with
-(``oneshot``: thresholding scores from dense activations; ``sequential``: Wanda-style recalibration, which
-SparseGPT always uses), and the objective is measured again on it: the value equals the best trial's. With
+(``oneshot``: from dense activations, scores thresholded or SparseGPT's layer-wise passes; ``sequential``:
+Wanda-style recalibration), and the objective is measured again on it: the value equals the best trial's. With
 ``reprune_top K`` (oneshot trials) the best K profiles are also pruned sequentially and scored on the same
 objective; one is shipped only when it beats the best trial. The result records every value and which
 model was shipped.
@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from .models import decoder_layers
 from .objective import Objective
-from .oneshot import SCORES
 from .profile import Profile
 from .prune import PruneResult
 from .search_report import plot_profile, trial_row, write_trials_csv
@@ -143,10 +142,11 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
                 runner = TrialRunner(model, cfg, study.space, calib, objective, device, offload, kv_kwargs,
                                      trial_kv)
                 memory.update(runner.memory())
-                held = (memory["oneshot_band_bytes"] + memory["host_snapshot_bytes"]) / 2**20
-                logger.info("the search holds %.1f MiB besides the model: oneshot band %.2fx and host snapshot "
-                            "%.2fx the decoder linears", held, memory["band_ratio"],
-                            memory["total_ratio"] - memory["band_ratio"])
+                lin = memory["decoder_linear_bytes"]
+                held = memory["total_ratio"] * lin / 2**20
+                logger.info("the search holds %.1f MiB besides the model: oneshot band %.2fx, host snapshot %.2fx "
+                            "and SparseGPT factors (host) %.2fx the decoder linears", held, memory["band_ratio"],
+                            memory["host_snapshot_bytes"] / lin, memory["oneshot_host_bytes"] / lin)
             study.run(runner, progress)
             restarts.append(study)
         groups = [r.complete() for r in restarts]
@@ -291,7 +291,7 @@ def _ship(result: SearchResult, runner: TrialRunner, space: SearchSpace, groups:
             if taken[p[0]] < cfg.reprune_top:
                 candidates.append(p)
                 taken[p[0]] += 1
-    winner = None
+    winner = winner_prof = None
     for p in candidates:
         i, t = p
         cand = allocation_of(space, t)
@@ -302,14 +302,14 @@ def _ship(result: SearchResult, runner: TrialRunner, space: SearchSpace, groups:
         logger.info("sequential re-prune of trial %s: %s %.4f (its oneshot model %.4f)", label(i, t),
                     cfg.objective, value, result.selection_values.get(label(i, t), t.value))
         if value < result.shipped_value:
-            winner, result.shipped_value, result.prune = p, value, res
+            winner, winner_prof, result.shipped_value, result.prune = p, cand_prof, value, res
             result.shipped = "sequential"
     last = candidates[-1] if candidates else None
     if winner is None:  # back to the oneshot model of the best trial, exactly as scored
         runner.snapshot.restore()
         runner.oneshot.rebuild(profile_counts(prof, space.shapes))
-    elif winner is not last:  # Wanda-style pruning only zeroes weights: dense x the winner's masks is its model
-        runner.restore_masks(result.prune)
+    elif winner is not last:  # a later re-prune lost: the winner's model again
+        _sequential(result, runner.put_back, winner_prof, "sequential", result.prune)
     if winner is not None:
         result.shipped_restart, result.shipped_trial = winner[0], winner[1].number
 
@@ -346,14 +346,12 @@ def _ship_restart_mean(result: SearchResult, runner: TrialRunner, space: SearchS
         if value < result.shipped_value:
             won, result.shipped_value, result.prune, result.shipped = how, value, res, how
     if won is None:  # the model shipped before, exactly as scored
-        if cfg.method not in SCORES:  # SparseGPT moved weights (its trials are sequential): prune it again
-            best = next(t for t in groups[result.shipped_restart] if t.number == result.shipped_trial)
-            _, result.prune = _sequential(result, runner.apply, allocation_of(space, best))
-        else:
-            runner.restore_masks(before)
+        best = next(t for t in groups[result.shipped_restart] if t.number == result.shipped_trial)
+        shipped = realized_profile(runner.model, allocation_of(space, best).unit_ratio, cfg.target)
+        _sequential(result, runner.put_back, shipped, result.shipped, before)
         return None
-    if won != ways[-1] and cfg.method in SCORES:  # a later way lost: dense x the winner's masks is its model
-        runner.restore_masks(result.prune)
+    if won != ways[-1]:  # a later way lost: the winner's model again
+        _sequential(result, runner.put_back, prof, won, result.prune)
     result.shipped_trial = None
     return prof
 

@@ -81,7 +81,7 @@ class SearchConfig:
     study_name: str | None = None
     save_dir: str | None = None
     batch_size: int = 1
-    blocksize: int = 128  # SparseGPT, for its sequential trials
+    blocksize: int = 128  # SparseGPT, for its trials and re-prunes
     percdamp: float = 0.01
     heartbeat_seconds: int = 60
 
@@ -174,8 +174,6 @@ class SearchConfig:
                 raise SearchError(f"--startup_scale {self.startup_scale} must be in (0, 1]")
             if not 0 < self.coarse_fraction < 1:
                 raise SearchError(f"coarse fraction {self.coarse_fraction} must be in (0, 1)")
-            if self.method == "sparsegpt" and self.trial_mode == "oneshot":
-                raise SearchError("SparseGPT's trials are sequential (its weight updates depend on the mask)")
         if self.searches_kv:
             from .kvquant import SUPPORTED_BITS
 

@@ -43,53 +43,68 @@ class SparseGPT:
         self, sparsity: float, pattern: SparsityType = SparsityType(), blocksize: int = 128, percdamp: float = 0.01
     ) -> torch.Tensor:
         """Prune the layer to ``sparsity`` and return the boolean mask (True = pruned)."""
-        W = self.layer.weight.data.clone().float()
         H = self.H
         self.H = None
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
-        W[:, dead] = 0
-        damp = percdamp * torch.mean(torch.diag(H))
-        idx = torch.arange(self.columns, device=H.device)
-        H[idx, idx] += damp
-        # Upper Cholesky factor of H^-1: row i holds the OBS update for column i given columns > i.
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-
-        mask = torch.zeros_like(W, dtype=torch.bool)
-        if pattern.structured:
-            blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # N:M groups never straddle blocks
-        for i1 in range(0, self.columns, blocksize):
-            i2 = min(i1 + blocksize, self.columns)
-            W1 = W[:, i1:i2].clone()
-            Q1 = torch.zeros_like(W1)
-            Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            d = torch.diag(Hinv1)
-            if not pattern.structured:
-                mask1 = prune_mask(W1**2 / d.reshape(1, -1) ** 2, sparsity, pattern, scope="matrix")
-            else:
-                mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            for i in range(i2 - i1):
-                if pattern.structured and i % pattern.m == 0:
-                    # N:M saliency uses the weights as updated so far, as in the paper.
-                    cols = slice(i, i + pattern.m)
-                    score = W1[:, cols] ** 2 / d[cols].reshape(1, -1) ** 2
-                    mask1[:, cols] = prune_mask(score, pattern.ratio, pattern)
-                w = W1[:, i]
-                q = w.clone()
-                q[mask1[:, i]] = 0
-                Q1[:, i] = q
-                err = (w - q) / Hinv1[i, i]
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                Err1[:, i] = err
-            W[:, i1:i2] = Q1
-            mask[:, i1:i2] = mask1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        # Dead inputs (never active in calibration) were zeroed above whatever the saliency chose, so the mask
-        # records them too: the saved mask and the pruned model must agree.
-        mask[:, dead] = True
+        Hinv, dead = inverse_factor(H, percdamp)
+        W = self.layer.weight.data.clone().float()
+        mask = obs_prune(W, Hinv, dead, sparsity, pattern, blocksize)
         self.layer.weight.data = W.to(self.layer.weight.dtype)
         return mask
 
     def free(self) -> None:
         self.H = None
+
+
+@torch.no_grad()
+def inverse_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the damped ``H^-1`` (row i: the OBS update for column i given the columns
+    after it) and the dead inputs (never active in calibration). ``H`` is modified in place. It does not depend
+    on the sparsity, so oneshot trials compute it once per module."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += damp
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True), dead
+
+
+@torch.no_grad()
+def obs_prune(W: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, sparsity: float,
+              pattern: SparsityType = SparsityType(), blocksize: int = 128) -> torch.Tensor:
+    """SparseGPT's blocked OBS pass on ``W`` (float32, modified in place) with the factor of
+    :func:`inverse_factor`; returns the boolean mask (True = pruned)."""
+    rows, columns = W.shape
+    W[:, dead] = 0
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    if pattern.structured:
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)  # N:M groups never straddle blocks
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        if not pattern.structured:
+            mask1 = prune_mask(W1**2 / d.reshape(1, -1) ** 2, sparsity, pattern, scope="matrix")
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern.structured and i % pattern.m == 0:
+                # N:M saliency uses the weights as updated so far, as in the paper.
+                cols = slice(i, i + pattern.m)
+                score = W1[:, cols] ** 2 / d[cols].reshape(1, -1) ** 2
+                mask1[:, cols] = prune_mask(score, pattern.ratio, pattern)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            Q1[:, i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    # Dead inputs were zeroed above whatever the saliency chose, so the mask records them too: the saved mask
+    # and the pruned model must agree.
+    mask[:, dead] = True
+    return mask

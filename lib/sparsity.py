@@ -67,9 +67,16 @@ def prune_mask(score: torch.Tensor, ratio: float, pattern: SparsityType, scope: 
         return mask
     if scope == "matrix":
         k = int(score.numel() * ratio)
-        if k:
-            idx = torch.sort(score.flatten(), stable=True).indices[:k]
-            mask.view(-1)[idx] = True
+        flat = score.flatten()
+        if k and torch.isnan(flat).any():  # the sort puts NaN last; selection below assumes none
+            mask.view(-1)[torch.sort(flat, stable=True).indices[:k]] = True
+        elif k:
+            # The stable sort's first k, found by selection (SparseGPT masks every block this way: a sort of the
+            # whole block was a third of its time): all below the k-th value, then the first ties by position.
+            kth = torch.kthvalue(flat, k).values
+            below = flat < kth
+            ties = (flat == kth).nonzero().flatten()[: k - int(below.sum())]
+            mask.view(-1).copy_(below).index_fill_(0, ties, True)
         return mask
     raise ValueError(f"unknown scope {scope!r}")
 

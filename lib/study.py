@@ -130,6 +130,7 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
         study.set_user_attr("method", cfg.method)
         if cfg.searches_sparsity:
             study.set_user_attr("sparsity_range", cfg.sparsity_range)
+            study.set_user_attr("trial_mode", cfg.trial_mode)
             if cfg.granularity == "trend_layer":
                 study.set_user_attr("coarse_fraction", cfg.coarse_fraction)
     return study
@@ -140,6 +141,10 @@ def _default_hint(cfg: SearchConfig, attrs: dict) -> str:
     target now), and the flag that resumes it."""
     if not cfg.searches_sparsity:
         return ""
+    theirs = attrs.get("trial_mode")
+    if cfg.method == "sparsegpt" and cfg.trial_mode == "oneshot" and theirs in (None, "sequential"):
+        return (" (SparseGPT's trials were sequential before oneshot became the default: pass --trial_mode "
+                "sequential to resume it)")
     theirs = attrs.get("sparsity_range")
     if theirs is not None and theirs != cfg.sparsity_range:
         return (f" (it searched +-{theirs:g}, this run +-{cfg.sparsity_range:g}: the default range grows with the "

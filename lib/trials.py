@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .models import decoder_layers
 from .objective import Objective, Stopped
-from .oneshot import DenseSnapshot, OneShotPruner, dense_input_stats
+from .oneshot import SCORES, DenseSnapshot, oneshot_pruner
 from .profile import Profile
 from .prune import PruneResult, check_sparsity, prune_optspa, prune_sparsegpt, prune_wanda
 from .samplers import coarse_popsize, make_pruner, make_sampler
@@ -65,9 +65,9 @@ class TrialRunner:
             self.snapshot = DenseSnapshot(model)
             if cfg.trial_mode == "oneshot":
                 t0 = time.perf_counter()
-                stats = dense_input_stats(model, calib, device, offload)
-                self.oneshot = OneShotPruner(model, stats, cfg.method, space.count_bounds(), device, self.snapshot)
-                logger.info("oneshot %s scores from dense activations in %.1f s", cfg.method,
+                self.oneshot = oneshot_pruner(model, calib, cfg.method, space.count_bounds(), device, offload,
+                                              self.snapshot, cfg.blocksize, cfg.percdamp)
+                logger.info("oneshot %s state from dense activations in %.1f s", cfg.method,
                             time.perf_counter() - t0)
 
     def memory(self) -> dict[str, float]:
@@ -75,9 +75,11 @@ class TrialRunner:
         linears = sum(m.weight.numel() * m.weight.element_size()
                       for layer in decoder_layers(self.model) for m in layer.modules() if isinstance(m, nn.Linear))
         band = self.oneshot.nbytes() if self.oneshot is not None else 0
+        factors = self.oneshot.host_nbytes() if self.oneshot is not None else 0
         snap = self.snapshot.nbytes() if self.snapshot is not None else 0
         return {"decoder_linear_bytes": linears, "oneshot_band_bytes": band, "host_snapshot_bytes": snap,
-                "band_ratio": band / linears if linears else 0.0, "total_ratio": (band + snap) / linears}
+                "oneshot_host_bytes": factors, "band_ratio": band / linears if linears else 0.0,
+                "total_ratio": (band + snap + factors) / linears}
 
     def kv_config(self, alloc: Allocation):
         if alloc.key_bits is None:
@@ -108,6 +110,17 @@ class TrialRunner:
 
         self.snapshot.restore()
         apply_masks(self.model, {n: unpack(m, res.shapes[n]) for n, m in res.masks.items()}, list(res.masks))
+
+    def put_back(self, prof: Profile, how: str, res: PruneResult) -> None:
+        """The model ``prof`` pruned ``how`` ("oneshot" or "sequential") gave, with masks ``res``, exactly as it
+        was scored: Wanda-style pruning only zeroes weights, so dense x its masks; SparseGPT moved the weights
+        it kept, so it is pruned again (deterministic: the same model)."""
+        if self.cfg.method in SCORES:
+            self.restore_masks(res)
+        elif how == "oneshot":
+            self.oneshot.rebuild(profile_counts(prof, self.shapes))
+        else:
+            self.reprune(prof)
 
     def score(self, alloc: Allocation, report=None, should_stop=None, objective: Objective | None = None) -> float:
         from .kvquant import simulate_kv_quant

@@ -74,6 +74,7 @@ VARIANTS = {  # the ablations that choose the defaults
     # trend_layer: the baseline rule in the trend stage only, the median rule in the per-layer stage (the baseline
     # rule found better trends at 70% but stopped per-layer trials on one window's noise)
     "cbaseline": {"coarse_pruner": "baseline", "n_trials": 400},
+    "seq": {"trial_mode": "sequential"},  # trials pruned layer by layer (SparseGPT's only mode until 7 Dec. 2026)
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
@@ -391,6 +392,7 @@ class Bench:
         select_top = v.pop("select_top", 0)
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
+        trial_mode = v.pop("trial_mode", "oneshot")
         # else SearchConfig's
         tool_keys = ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale", "restarts",
                      "restart_mean", "elite_mean")
@@ -404,7 +406,7 @@ class Bench:
                            sampler=v["sampler"], pruner=v["pruner"], reprune_top=reprune_top,
                            select_top=select_top, objective=v["objective"], trend_types=v["trend_types"],
                            save_dir=os.path.join(a.study_dir or self.work, f"{method}-{target}-{variant}"),
-                           trial_mode="sequential" if method == "sparsegpt" else "oneshot", **tool_defaults)
+                           trial_mode=trial_mode, **tool_defaults)
         v["range"] = cfg.sparsity_range  # "default" leaves it to the tool (it follows the target): record what ran
 
         def tokens(n: int):
@@ -424,7 +426,7 @@ class Bench:
                "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
                "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
-               "sampler_seed": sampler_seed, "startup_scale": cfg.startup_scale, "restarts": cfg.restarts,
+               "sampler_seed": sampler_seed, "trial_mode": trial_mode, "startup_scale": cfg.startup_scale, "restarts": cfg.restarts,
                "elite_mean": cfg.elite_mean, "restart_mean": cfg.restart_mean,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,
@@ -454,7 +456,7 @@ class Bench:
         import random
 
         from lib.objective import Objective
-        from lib.oneshot import OneShotPruner, dense_input_stats
+        from lib.oneshot import oneshot_pruner
         from lib.search_config import SearchConfig
         from lib.search_space import SearchSpace, module_shapes, profile_counts, realized_profile
         from lib.trials import prune_sequential
@@ -468,8 +470,7 @@ class Bench:
             space.allocation([rng.randint(lo, hi) for lo, hi in zip(space.lo, space.hi)]) for _ in range(n - 1)]
         obj = Objective(self.model, self.val_ids, self.seqlen, self.args.objective_nsamples, "cpu", False)
         calib = self.calib[: self.args.rank_nsamples or len(self.calib)]  # both rankings see the same windows
-        stats = dense_input_stats(self.model, calib, "cpu")
-        pruner = OneShotPruner(self.model, stats, method, space.count_bounds(), "cpu", self.snapshot)
+        pruner = oneshot_pruner(self.model, calib, method, space.count_bounds(), "cpu", dense=self.snapshot)
         profiles = [realized_profile(self.model, a.unit_ratio, target) for a in allocs]
         oneshot = []
         for prof in profiles:

@@ -100,8 +100,12 @@ def markdown(cells: dict, tag: str) -> str:
         if s and s.get("reprune_evals"):  # recorded from 7 December 2026: the re-prunes' time in evaluations
             cost += f" + {s['reprune_evals']:.0f} re-pruning"
         per_eval = f"{s['s_per_eval']:.1f}" if s and s.get("s_per_eval") else ""
-        mem = (f"{s['memory']['band_ratio']:.2f}x band + {s['memory']['total_ratio'] - s['memory']['band_ratio']:.2f}x "
-               "host copy") if s else ""
+        mem = ""
+        if s:
+            m = s["memory"]
+            factors = m.get("oneshot_host_bytes", 0) / m["decoder_linear_bytes"]
+            mem = f"{m['band_ratio']:.2f}x band + {m['total_ratio'] - m['band_ratio'] - factors:.2f}x host copy"
+            mem += f" + {factors:.2f}x SparseGPT factors" if factors else ""
         lines.append(f"| {c['target']:.2f} | {name} ({c['method']}) | {c['wikitext2_test']:.2f} | {c['c4_val']:.2f} | "
                      f"{c['actual_sparsity']:.4f} | {'' if gap is None else f'{gap:.3f}'} | {cost} | {per_eval} | "
                      f"{mem} | {c['seconds']:.0f}{searched_before(c)} |")

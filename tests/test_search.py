@@ -216,6 +216,78 @@ def test_oneshot_trials_equal_prune_mask_on_dense_scores_in_any_sequence(tiny_ll
         without.apply({u: lo for u, (lo, _) in bounds.items()})
 
 
+def _sparsegpt_on_dense_inputs(lm, calib, counts) -> dict:
+    """What SparseGPT's oneshot trials must give: every linear pruned by the published-algorithm solver
+    (``SparseGPT.fasterprune``) with its Hessian from the *dense* model's inputs (dense outputs feed the next
+    layer), from its dense weights. Restores the model to dense afterwards."""
+    import copy
+
+    from lib.layerwise import capture_layer_inputs
+    from lib.models import decoder_layers, find_linears
+    from lib.prune import collect_layer_inputs
+    from lib.search_space import count_ratio
+    from lib.sparsegpt import SparseGPT
+
+    want = {}
+    inputs = capture_layer_inputs(lm.model, calib, "cpu")
+    for i, layer in enumerate(decoder_layers(lm.model)):
+        solvers = {n: SparseGPT(copy.deepcopy(m)) for n, m in find_linears(layer).items()}
+        hooks = [m.register_forward_hook(lambda _m, inp, out, s=solvers[n]: s.add_batch(inp[0].data))
+                 for n, m in find_linears(layer).items()]
+        inputs.hidden = collect_layer_inputs(layer, inputs, "cpu", {}, keep=True)
+        for h in hooks:
+            h.remove()
+        for n, s in solvers.items():
+            mask = s.fasterprune(count_ratio(counts[(i, n)], s.columns))
+            want[(i, n)] = (s.layer.weight.data, mask)
+    return want
+
+
+def test_sparsegpt_oneshot_trials_are_sparsegpt_on_the_dense_inputs_in_any_sequence(tiny_llama):
+    """A SparseGPT oneshot trial prunes every linear as SparseGPT would with the dense model's Hessian, from its
+    dense weights: whatever trials came before (only changed modules are solved again), after the weights were
+    restored, and from a profile applied again; linears that read one input share one factor."""
+    from lib.oneshot import OneShotSparseGPT, dense_hessian_factors, oneshot_pruner, prune_oneshot
+
+    lm = load_model(tiny_llama, dtype="float32")
+    calib = _calib(lm)
+    shapes = module_shapes(lm.model)
+    snap = DenseSnapshot(lm.model)
+    rng = random.Random(0)
+    draws = [{u: rng.randint(int(c * 0.2), int(c * 0.8)) for u, (_, c) in shapes.items()} for _ in range(3)]
+    draws.insert(2, {**draws[1], (0, "mlp.up_proj"): draws[0][(0, "mlp.up_proj")]})  # one module changes
+    wants = [_sparsegpt_on_dense_inputs(lm, calib, counts) for counts in draws]
+    pruner = oneshot_pruner(lm.model, calib, "sparsegpt", {}, "cpu", dense=snap)
+    assert isinstance(pruner, OneShotSparseGPT)
+    for step, (counts, want) in enumerate([*zip(draws, wants), (draws[0], wants[0])]):
+        if step == 4:
+            snap.restore()  # a sequential re-prune in between: the next trial solves every module again
+        pruner.apply(counts)
+        masks = pruner.masks()
+        for (i, name), mod in snap.modules.items():
+            w, mask = want[(i, name)]
+            assert torch.equal(mod.weight.data, w), (step, i, name)
+            assert torch.equal(unpack(masks.masks[f"model.layers.{i}.{name}.weight"], tuple(w.shape)), mask)
+    factors = pruner.factors
+    assert factors[(0, "self_attn.q_proj")] is factors[(0, "self_attn.k_proj")] is factors[(0, "self_attn.v_proj")]
+    assert factors[(1, "mlp.gate_proj")] is factors[(1, "mlp.up_proj")]
+    assert factors[(1, "mlp.up_proj")] is not factors[(1, "mlp.down_proj")]
+    per_layer = 3 * 64 * 64 * 4 + 128 * 128 * 4 + (3 * 64 + 128)  # q/k/v, o, gate/up: 64 columns; down: 128
+    assert pruner.host_nbytes() == 2 * per_layer and pruner.nbytes() == 0
+    # a profile that shipped this model, applied again to the dense model: the same weights
+    snap.restore()
+    prof = Profile(num_layers=2, sparsity=[0.4, 0.6], module_sparsity={1: {"mlp.up_proj": 0.3}})
+    want = _sparsegpt_on_dense_inputs(lm, calib, profile_counts(prof, shapes))
+    res = prune_oneshot(lm.model, calib, prof, "sparsegpt", "cpu")
+    assert all(torch.equal(want[u][0], m.weight.data) for u, m in snap.modules.items()) and len(res.masks) == 14
+    snap.restore()
+    without = OneShotSparseGPT(lm.model, dense_hessian_factors(lm.model, calib, "cpu"), "cpu")  # no dense copy
+    without.apply(draws[0])  # each module once, from the model's own (dense) weights
+    assert all(torch.equal(wants[0][u][0], m.weight.data) for u, m in snap.modules.items())
+    with pytest.raises(ValueError, match="dense snapshot"):
+        without.apply(draws[1])
+
+
 def test_prune_oneshot_reapplies_a_profile_as_the_trials_pruned_it(tiny_llama):
     from lib.oneshot import OneShotPruner, prune_oneshot
 
@@ -273,6 +345,17 @@ def test_same_seed_same_trials_and_resume_does_not_redo(tiny_llama, data_dir, tm
         _lib_search(tiny_llama, data_dir, tmp_path / "a", seed=3, n_trials=7, objective_nsamples=1)
 
 
+def test_a_sequential_sparsegpt_study_says_how_to_resume_it(tiny_llama, data_dir, tmp_path):
+    """SparseGPT's trials were sequential until oneshot became the default: resuming such a study under the new
+    default is refused (its trials were pruned otherwise), and the message names the flag that resumes it."""
+    kw = dict(kind="sparsity", granularity="layer", n_trials=1, method="sparsegpt", study_name="sgpt")
+    _lib_search(tiny_llama, data_dir, tmp_path, trial_mode="sequential", **kw)
+    with pytest.raises(SearchError, match="other search settings.*--trial_mode sequential"):
+        _lib_search(tiny_llama, data_dir, tmp_path, **kw)
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, trial_mode="sequential", **{**kw, "n_trials": 2})
+    assert r.shipped == "sequential" and len(r.trials) == 2
+
+
 def test_a_study_records_module_shapes():
     """Two models whose linears differ never share a study, even with the same layer count and names."""
     cfg = SearchConfig(target=0.5, granularity="layer")
@@ -298,15 +381,15 @@ def test_workers_with_one_seed_never_repeat_points_and_uniform_is_trial_0_once(t
     assert [t["state"] for t in b.trials].count("COMPLETE") == 8
 
 
-@pytest.mark.parametrize("reprune", [0, 2])
-def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, reprune):
+@pytest.mark.parametrize("method,reprune", [("optspa", 0), ("optspa", 2), ("sparsegpt", 2)])
+def test_the_shipped_model_is_the_scored_model(tiny_llama, data_dir, tmp_path, method, reprune):
     """The objective measured on the model the search leaves behind equals the best trial's value exactly
     (oneshot ship); with re-prunes, it equals the best of the best trial and the re-prunes, and the result
-    says which was shipped."""
+    says which was shipped (SparseGPT too: its oneshot trials and its sequential re-prunes)."""
     from lib.objective import Objective
 
     r, lm = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="layer", n_trials=6,
-                        reprune_top=reprune, sparsity_range=0.3)
+                        reprune_top=reprune, sparsity_range=0.3, method=method)
     ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
     measured = Objective(lm.model, ids, 32, 2, "cpu", False)()
     assert measured == r.shipped_value
@@ -421,6 +504,47 @@ def test_restart_mean_prunes_the_mean_of_the_restarts_best_and_ships_it_only_whe
         ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
         assert Objective(lm.model, ids, 32, 2, "cpu", False)() == r.shipped_value  # shipped = scored
     assert r.profile.meta["restart_mean_values"] == r.restart_mean_values
+
+
+def _reapply(model_dir, data_dir, profile, method):
+    """A fresh model pruned with ``profile`` as main.py applies a saved one (calibration as in _lib_search)."""
+    from lib.oneshot import prune_oneshot, shipped_oneshot
+    from lib.prune import prune_sparsegpt
+
+    lm = load_model(model_dir, dtype="float32")
+    calib = data.get_calibration("c4", lm.tokenizer, 4, 0, 32, data_dir)
+    if shipped_oneshot(profile, method):
+        prune_oneshot(lm.model, calib, profile, method, "cpu")
+    else:
+        prune_sparsegpt(lm.model, calib, profile, SparsityType(), "cpu")
+    return lm
+
+
+@pytest.mark.parametrize("force", ["win", "lose"])
+def test_sparsegpt_restart_mean_leaves_the_shipped_model_behind(tiny_llama, data_dir, tmp_path, monkeypatch,
+                                                                force):
+    """SparseGPT moves the weights it keeps, so a model that lost cannot be undone by masks: whichever model
+    ships (the mean's oneshot model when it wins, the restarts' best when it loses), the weights left behind are
+    exactly those its saved profile gives when applied again to the dense model."""
+    from lib import search as search_mod
+
+    real_score = search_mod.TrialRunner.score
+
+    def score(self, alloc, report=None, should_stop=None, objective=None):
+        value = real_score(self, alloc, report, should_stop, objective)
+        if not alloc.levels:  # the mean has no levels of its own: forced to win or lose
+            return {"win": 0.0, "lose": 1e9}[force]
+        return value
+
+    monkeypatch.setattr(search_mod.TrialRunner, "score", score)
+    r, lm = _lib_search(tiny_llama, data_dir, tmp_path, kind="sparsity", granularity="layer", n_trials=4,
+                        sparsity_range=0.3, reprune_top=1, seed=4, restarts=2, restart_mean=True,
+                        method="sparsegpt")
+    assert set(r.restart_mean_values) == {"oneshot", "sequential"}
+    assert r.shipped_mean == (force == "win") and r.shipped == ("oneshot" if force == "win" else r.shipped)
+    again = _reapply(tiny_llama, data_dir, r.profile, "sparsegpt")
+    for name, w in again.model.named_parameters():
+        assert torch.equal(w, lm.model.get_parameter(name)), name
 
 
 @pytest.mark.parametrize("reprune", [0, 1])
@@ -786,7 +910,7 @@ def test_search_sparsity_works_with_every_calibrated_method(tiny_llama, data_dir
                                    "--save", str(tmp_path)), capsys)
     assert code == 0, err
     res = json.load(open(tmp_path / f"results_{method}.json"))
-    assert res["search"]["shipped"] == ("sequential" if method == "sparsegpt" else res["search"]["shipped"])
+    assert res["search"]["shipped"] in ("oneshot", "sequential")  # SparseGPT too: oneshot trials by default
     assert res["actual_sparsity"] == pytest.approx(0.5, abs=1e-3)
     prof = json.load(open(tmp_path / f"profile_{method}_unstructured_s0.50.json"))
     assert prof["method"] == method
@@ -912,8 +1036,6 @@ BAD = {
     "kv bits with a kv search": (["--search", "kv", "--kv_bits", "4"], "--kv_bits"),
     "kv profile with a joint search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search", "joint",
                                        "--kv_profile", "8x2"], "--kv_profile"),
-    "sparsegpt oneshot trials": (["--prune_method", "sparsegpt", "--sparsity_ratio", "0.5", "--search", "sparsity",
-                                  "--trial_mode", "oneshot"], "sequential"),
     "search without save": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--no_save"], "--save"),
     "zero trials": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--n_trials", "0"], "n_trials"),
     "negative budget": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--search_budget", "-1"],
