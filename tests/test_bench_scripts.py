@@ -144,6 +144,34 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
     assert kl["rebuilt_value"] == kl_src["search"]["shipped_value"] and kl["rebuilt_value"] > 0
 
 
+def test_a_sparsegpt_search_cell_is_rebuilt_exactly_and_shows_its_factors(tiny_llama, data_dir, tmp_path):
+    """The SparseGPT-base search (oneshot trials, the tool's default): its cell records the trial mode and the
+    factors it held, the table row shows them, and --profiles_from rebuilds the model it shipped bit for bit
+    (SparseGPT moves the weights it keeps, so only its own procedure gives them back)."""
+    import json
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
+    common = [sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
+              "--nsamples", "4", "--objective_nsamples", "2", "--n_trials", "6", "--budget", "3", "--threads", "1",
+              "--c4_windows", "2", "--test_windows", "3", "--targets", "0.5", "--methods", "sparsegpt",
+              "--cells", "search", "--variants", "default"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    for args in (["--cells_dir", first], ["--cells_dir", second, "--profiles_from", first]):
+        run = subprocess.run([*common, *args], capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+    tag, name = os.path.basename(tiny_llama), "search-sparsegpt-s0.50-default.json"
+    src = json.load(open(os.path.join(first, tag, name), encoding="utf-8"))
+    out = json.load(open(os.path.join(second, tag, name), encoding="utf-8"))
+    assert src["trial_mode"] == "oneshot" and src["search"]["shipped"] in ("oneshot", "sequential")
+    assert out["rebuilt_value"] == src["search"]["shipped_value"] and out["wikitext2_test"] == src["wikitext2_test"]
+    memory = src["search"]["memory"]
+    factors = memory["oneshot_host_bytes"] / memory["decoder_linear_bytes"]
+    assert memory["oneshot_band_bytes"] == 0 and 0 < factors
+    row = next(line for line in load_script("bench_search").markdown({"s": src}, tag).splitlines() if "0.50 |" in line)
+    assert f"0.00x band + 1.00x host copy + {factors:.2f}x SparseGPT factors" in row
+
+
 def test_restarts_cell_ships_what_the_seed_cells_read_as_restarts(tiny_llama, data_dir, tmp_path):
     """``+x3`` runs --restarts 3 in one search: its restarts' best values are the seed cells' (same trials), and it
     ships the model of the seed the restarts table picks (same test perplexity)."""
