@@ -28,7 +28,7 @@ from .masks import pack, unpack
 from .models import decoder_layers, find_linears, layer_prefix
 from .offload import on_device
 from .prune import InputStats, PruneResult, collect_layer_inputs
-from .sparsegpt import SparseGPT, inverse_factor, obs_prune
+from .sparsegpt import SharedInputs, SparseGPT, inverse_factor, obs_prune
 from .sparsity import optspa_score, wanda_score
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ def dense_hessian_factors(model: nn.Module, calib: list[torch.Tensor], device: s
         last[:] = [solver.H, (Hinv.cpu(), dead.cpu())]
         return last[1]
 
-    return _dense_pass(model, calib, device, offload, SparseGPT, factor, "dense hessians")
+    shared = SharedInputs()  # and their X X^T is computed once
+    return _dense_pass(model, calib, device, offload, lambda m: SparseGPT(m, shared), factor, "dense hessians")
 
 
 class _Band:

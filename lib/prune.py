@@ -21,7 +21,7 @@ from .masks import pack
 from .models import decoder_layers, find_linears, layer_prefix
 from .offload import on_device
 from .profile import Profile
-from .sparsegpt import SparseGPT
+from .sparsegpt import SharedInputs, SparseGPT
 from .sparsity import SparsityType, optspa_score, prune_mask, wanda_score, wanda_variant_mask
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,8 @@ class InputStats:
 
 
 class SparseGPTCollector:
-    def __init__(self, layer: nn.Linear, blocksize: int, percdamp: float):
-        self.solver = SparseGPT(layer)
+    def __init__(self, layer: nn.Linear, blocksize: int, percdamp: float, shared: SharedInputs | None = None):
+        self.solver = SparseGPT(layer, shared)
         self.blocksize = blocksize
         self.percdamp = percdamp
 
@@ -187,8 +187,12 @@ def prune_sparsegpt(model: nn.Module, calib: list[torch.Tensor], profile: Profil
                     device: str | torch.device = "cpu", offload: bool = False, blocksize: int = 128,
                     percdamp: float = 0.01) -> PruneResult:
     """SparseGPT's OBS solver with weight updates (percdamp 0.01, blocksize 128 as the paper)."""
-    return _prune_sequential(model, calib, profile, pattern,
-                             lambda mod: SparseGPTCollector(mod, blocksize, percdamp), device, offload, "sparsegpt")
+    shared = SharedInputs()  # q, k, v (gate, up) read one input: its X X^T is computed once
+
+    def collector(mod: nn.Linear) -> SparseGPTCollector:
+        return SparseGPTCollector(mod, blocksize, percdamp, shared)
+
+    return _prune_sequential(model, calib, profile, pattern, collector, device, offload, "sparsegpt")
 
 
 # ----------------------------------------------------------------------------------------- reporting

@@ -164,3 +164,41 @@ def test_offload_path_gives_the_same_masks(tiny_llama):
         masks.append(res.masks)
     assert masks[0].keys() == masks[1].keys()
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+
+
+def test_sparsegpt_computes_a_shared_input_once_and_prunes_the_same_bits(tiny_llama, monkeypatch):
+    """q, k and v (gate and up) read one input: their X X^T is computed once and copied, and the pruned model is
+    bit for bit the one every linear accumulating its own gives; a linear whose input differs never copies."""
+    from lib.sparsegpt import SharedInputs
+
+    # a different input (or a solver that has already seen other batches) is never copied
+    a, b = SparseGPT(_linear(torch.ones(2, 4))), SparseGPT(_linear(torch.ones(2, 4)))
+    sh = SharedInputs()
+    a.shared = b.shared = sh
+    x = torch.randn(1, 3, 4)
+    a.add_batch(x)
+    b.add_batch(x + 1)
+    assert b.twin is False and not torch.equal(a.H, b.H)
+    a.add_batch(x)
+    b.add_batch(x)  # the same input now, but b has seen another one before: it accumulates its own
+    assert b.twin is False and b.nsamples == a.nsamples == 2
+    shared = load_model(tiny_llama, dtype="float32")
+    calib = _calib(len(shared.tokenizer))
+    profile = Profile(num_layers=2, sparsity=[0.4, 0.6])
+    copies = []
+    real = SharedInputs.copied
+
+    def copied(self, solver, inp):
+        out = real(self, solver, inp)
+        copies.append(out)
+        return out
+
+    monkeypatch.setattr(SharedInputs, "copied", copied)
+    prune_sparsegpt(shared.model, calib, profile, SparsityType())
+    # per layer and batch: q, k, v, o, gate, up, down; k, v and up copy
+    assert copies == [False, True, True, False, False, True, False] * 2 * len(calib)
+    monkeypatch.setattr(SharedInputs, "copied", lambda self, solver, inp: False)  # every linear its own sums
+    own = load_model(tiny_llama, dtype="float32")
+    prune_sparsegpt(own.model, calib, profile, SparsityType())
+    for name, w in own.model.named_parameters():
+        assert torch.equal(w, shared.model.get_parameter(name)), name
