@@ -194,3 +194,26 @@ def test_nm_mask_breaks_ties_by_position():
         mask = prune_mask(torch.ones(3, 4 * m), n / m, SparsityType(n, m))
         expected = (torch.arange(4 * m) % m < n).expand(3, -1)
         assert torch.equal(mask, expected)
+
+
+def test_matrix_mask_is_the_stable_sorts_first_k_with_ties_and_nan():
+    """The matrix scope selects by the k-th value (SparseGPT masks every block this way) and must give exactly
+    the stable sort's first k: ties by position, -0.0 equal to 0.0, and NaN last (the sort's own rule)."""
+    gen = torch.Generator().manual_seed(0)
+    for case in range(300):
+        rows, cols = torch.randint(1, 30, (2,), generator=gen).tolist()
+        if case % 3 == 0:
+            score = torch.randint(0, 4, (rows, cols), generator=gen).float()  # many ties
+        else:
+            score = torch.randn(rows, cols, generator=gen)
+        if case % 5 == 0:
+            score.view(-1)[0] = -0.0
+        if case % 11 == 0:
+            score.view(-1)[-1] = float("nan")
+        ratio = torch.rand(1, generator=gen).item()
+        k = int(score.numel() * ratio)
+        want = torch.zeros(score.numel(), dtype=torch.bool)
+        want[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+        got = prune_mask(score, ratio, SparsityType(), scope="matrix")
+        assert torch.equal(got.flatten(), want), case
+        assert int(got.sum()) == k
