@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oneshot: from dense activations once, each trial thresholds the scores (SparseGPT: "
                         "runs its layer-wise passes on the dense Hessians); sequential: layer-by-layer "
                         "recalibration per trial; auto: oneshot")
+    s.add_argument("--trial_stats", default="dense", choices=["dense", "uniform"],
+                   help="oneshot trials' activations (and SparseGPT's Hessians): the dense model's, or those of "
+                        "the method's uniform sequential pruning at the target, so trials see inputs shifted by "
+                        "upstream pruning as a sequential pruning does (one such pruning at setup)")
     s.add_argument("--reprune_top", type=int, default=1,
                    help="after the search, re-prune the best K profiles sequentially, score them on the same "
                         "objective and ship one only if it beats the best trial (default 1; 0 = off)")
@@ -361,6 +365,7 @@ def search_config(args, target: float):
         kv_bits_choices=tuple(args.kv_bits_choices), kv_avg_bits=args.kv_avg_bits, kv_separate=args.kv_separate,
         n_trials=args.n_trials, budget_evals=args.search_budget,
         seed=args.seed if args.search_seed is None else args.search_seed, trial_mode=args.trial_mode,
+        trial_stats=args.trial_stats,
         method=args.prune_method, sampler=args.sampler, pruner=args.pruner, coarse_pruner=args.coarse_pruner,
         reprune_top=args.reprune_top, restarts=args.restarts, restart_mean=args.restart_mean,
         select_top=args.select_top, select_nsamples=args.select_nsamples, elite_mean=args.elite_mean,
@@ -499,14 +504,14 @@ def allocate_layers(args, model, tokenizer, pattern, seqlen, device, offload, pr
     After a sparsity search the model is pruned as shipped (``result.prune`` holds its masks); ``trial_kv``:
     the --kv_bits / --kv_profile quantization its trials run under, as the final evaluation does."""
     from lib import models
-    from lib.oneshot import dense_input_stats
+    from lib.oneshot import input_stats
     from lib.owl import owl_profile
     from lib.search import run_search
 
     calib = load_calibration(args, tokenizer, seqlen, processor)
     num_layers = len(models.decoder_layers(model))
     if args.layer_allocation == "owl":
-        stats = dense_input_stats(model, calib, device, offload)
+        stats = input_stats(model, calib, device, offload)
         profile = owl_profile(model, stats, args.sparsity_ratio, args.owl_lambda, args.owl_m,
                               sparsity_type=str(pattern))
         return profile, calib, None
@@ -826,7 +831,8 @@ def prune(st: Run) -> None:
 
         if shipped_oneshot(profile, method, pattern.structured):
             # The search shipped (and scored) this profile pruned oneshot: apply it the same way.
-            logger.info("the profile shipped a oneshot-pruned model: pruned from the dense model's activations")
+            logger.info("the profile shipped a oneshot-pruned model: pruned from %s", "the dense model's activations"
+                        if profile.meta.get("trial_stats") != "uniform" else "its uniform sequential pruning's")
             st.result = prune_oneshot(model, calib, profile, method, device, offload, args.blocksize, args.percdamp)
         elif method == "wanda":
             st.result = prune_wanda(model, calib, profile, pattern, device, offload, use_variant=args.use_variant)

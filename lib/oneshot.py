@@ -1,6 +1,6 @@
-"""What a trial prunes from: dense input statistics, the oneshot pruner, and the dense snapshot.
+"""What a trial prunes from: input statistics, the oneshot pruner, and the dense snapshot.
 
-Oneshot trials score every weight once from dense activations (Wanda's |W|·‖X‖ or the Optspa metric) and a
+Oneshot trials score every weight once from the calibration activations (Wanda's |W|·‖X‖ or the Optspa metric) and a
 trial only thresholds: per row, the ``k`` lowest scores are zero. Any feasible trial prunes between
 ``k_min`` and ``k_max`` columns per row of a module (:meth:`SearchSpace.count_bounds`), so the pruner keeps
 only that band of the per-row order; the ``k_min`` lowest are zeroed once and stay zero (their positions
@@ -12,6 +12,11 @@ the band's indices plus one bit per weight (:meth:`OneShotPruner.nbytes`), repor
 SparseGPT's oneshot trials (:class:`OneShotSparseGPT`) take every linear's Hessian from the dense model's
 inputs, factor it once (kept on the host), and run the OBS pass per trial from the dense weights: each layer
 compressed on its own, as EvoPress builds its levels, rather than on the pruned layers' outputs.
+
+The activations are the dense model's by default. ``--trial_stats uniform`` takes them instead from the method's
+own uniform sequential pruning at the target (each layer pruned, its outputs feeding the next, then put back
+dense): what a sequential pruning near the target sees, so a trial's oneshot model stays close to the sequential
+one where upstream pruning shifts the inputs (SparseGPT at 60-70%), and the uniform trial is exactly it.
 """
 from __future__ import annotations
 
@@ -23,13 +28,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .layerwise import capture_layer_inputs
+from .layerwise import capture_layer_inputs, run_layer
 from .masks import pack, unpack
 from .models import decoder_layers, find_linears, layer_prefix
 from .offload import on_device
-from .prune import InputStats, PruneResult, collect_layer_inputs
-from .sparsegpt import SharedInputs, SparseGPT, inverse_factor, obs_prune
-from .sparsity import optspa_score, wanda_score
+from .prune import InputStats, PruneResult, SparseGPTCollector, _Collector, collect_layer_inputs
+from .sparsegpt import SharedInputs, inverse_factor, obs_prune
+from .sparsity import SparsityType, optspa_score, wanda_score
 
 logger = logging.getLogger(__name__)
 
@@ -63,47 +68,66 @@ class DenseSnapshot:
 
 
 @torch.no_grad()
-def _dense_pass(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device, offload: bool,
-                collector: Callable[[nn.Linear], object], result: Callable[[object], object], desc: str) -> dict:
-    """One pass over the *dense* model, layer by layer through the shared capture path: ``collector(linear)``
-    sees every prunable linear's inputs, and ``result(collector)`` is kept per unit."""
+def _stats_pass(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device, offload: bool,
+                collector: Callable[[nn.Linear], _Collector], result: Callable[[_Collector], object], desc: str,
+                pruned_at: float | None = None) -> dict:
+    """One pass over the model, layer by layer through the shared capture path: ``collector(linear)`` sees every
+    prunable linear's inputs, and ``result(collector)`` is kept per unit. Without ``pruned_at`` the inputs are the
+    dense model's. With it, each layer is then pruned uniformly at that ratio by its collectors (the method's
+    own sequential pruning), its outputs feed the next layer, and its dense weights are put back: the statistics
+    are those a sequential pruning at ``pruned_at`` sees, and the model ends dense."""
     device = torch.device(device)
     inputs = capture_layer_inputs(model, calib, device)
     out: dict[Unit, object] = {}
     for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, leave=False)):
         with on_device(layer, device, offload):
-            collectors = {n: collector(m) for n, m in find_linears(layer).items()}
-            # One pass: statistics and the dense outputs that feed the next layer.
-            inputs.hidden = collect_layer_inputs(layer, inputs, device, collectors, keep=True)
-            for n, c in collectors.items():
+            linears = find_linears(layer)
+            collectors = {n: collector(m) for n, m in linears.items()}
+            if pruned_at is None:  # one pass: statistics and the dense outputs that feed the next layer
+                inputs.hidden = collect_layer_inputs(layer, inputs, device, collectors, keep=True)
+            else:
+                collect_layer_inputs(layer, inputs, device, collectors, keep=False)
+            for n, c in collectors.items():  # all results before any pruning (shared factors compare H's)
                 out[(i, n)] = result(c)
+            if pruned_at is not None:
+                dense = {n: m.weight.data.clone() for n, m in linears.items()}
+                for c in collectors.values():
+                    c.prune(pruned_at, SparsityType())
+                    c.free()
+                inputs.hidden = run_layer(layer, inputs, device)
+                for n, m in linears.items():
+                    m.weight.data.copy_(dense[n])
     return out
 
 
-def dense_input_stats(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device,
-                      offload: bool = False) -> dict[Unit, torch.Tensor]:
-    """Mean of x_j^2 over calibration tokens for every prunable linear, from the dense model (used by oneshot
-    trials and OWL)."""
-    return _dense_pass(model, calib, device, offload, lambda m: InputStats(m, optspa_score),
-                       lambda c: c.mean_sq.cpu(), "dense stats")
+def input_stats(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device, offload: bool = False,
+                method: str = "optspa", pruned_at: float | None = None) -> dict[Unit, torch.Tensor]:
+    """Mean of x_j^2 over calibration tokens for every prunable linear: from the dense model (oneshot trials,
+    OWL), or with ``pruned_at`` from the inputs that ``method``'s uniform sequential pruning at that ratio sees."""
+    return _stats_pass(model, calib, device, offload, lambda m: InputStats(m, SCORES[method]),
+                       lambda c: c.mean_sq.cpu(), "input stats", pruned_at)
 
 
-def dense_hessian_factors(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device,
-                          offload: bool = False, percdamp: float = 0.01) -> dict[Unit, tuple[torch.Tensor, ...]]:
+def hessian_factors(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device,
+                    offload: bool = False, percdamp: float = 0.01, blocksize: int = 128,
+                    pruned_at: float | None = None) -> dict[Unit, tuple[torch.Tensor, ...]]:
     """SparseGPT's damped inverse-Hessian factor and dead inputs (:func:`lib.sparsegpt.inverse_factor`) of every
-    prunable linear from the dense model's inputs, on the host. Linears that read the same input (q, k, v;
+    prunable linear, on the host: from the dense model's inputs, or with ``pruned_at`` from the inputs that
+    SparseGPT's uniform sequential pruning at that ratio sees. Linears that read the same input (q, k, v;
     gate, up: neighbours in module order) share one factor."""
     last: list = []
 
-    def factor(solver: SparseGPT):
-        if last and torch.equal(last[0], solver.H):
+    def factor(c: SparseGPTCollector):
+        H = c.solver.H
+        if last and torch.equal(last[0], H):
             return last[1]
-        Hinv, dead = inverse_factor(solver.H.clone(), percdamp)
-        last[:] = [solver.H, (Hinv.cpu(), dead.cpu())]
+        Hinv, dead = inverse_factor(H.clone(), percdamp)
+        last[:] = [H, (Hinv.cpu(), dead.cpu())]
         return last[1]
 
     shared = SharedInputs()  # and their X X^T is computed once
-    return _dense_pass(model, calib, device, offload, lambda m: SparseGPT(m, shared), factor, "dense hessians")
+    return _stats_pass(model, calib, device, offload, lambda m: SparseGPTCollector(m, blocksize, percdamp, shared),
+                       factor, "hessians", pruned_at)
 
 
 class _Band:
@@ -207,7 +231,7 @@ class OneShotPruner:
 class OneShotSparseGPT:
     """SparseGPT with every linear's Hessian from the dense model's inputs (EvoPress's layer-wise
     compression, without its database of levels): the damped inverse-Hessian factors are computed once
-    (:func:`dense_hessian_factors`), and :meth:`apply` runs the OBS pass of each module whose count changed,
+    (:func:`hessian_factors`), and :meth:`apply` runs the OBS pass of each module whose count changed,
     from its dense weights (the host snapshot), at ``count_ratio(k, cols)``. The same counts give the same
     weights, so the shipped model is the scored one. Without a snapshot each module can be pruned once (the
     model's own weights are the dense ones), which is how a shipped profile is applied again."""
@@ -262,12 +286,20 @@ class OneShotSparseGPT:
 
 def oneshot_pruner(model: nn.Module, calib: list[torch.Tensor], method: str, bounds: dict[Unit, tuple[int, int]],
                    device: str | torch.device, offload: bool = False, dense: DenseSnapshot | None = None,
-                   blocksize: int = 128, percdamp: float = 0.01):
-    """The oneshot pruner of ``method``: thresholded scores (wanda, optspa) or SparseGPT's layer-wise passes."""
+                   blocksize: int = 128, percdamp: float = 0.01, pruned_at: float | None = None):
+    """The oneshot pruner of ``method``: thresholded scores (wanda, optspa) or SparseGPT's layer-wise passes, from
+    the dense model's inputs or (``pruned_at``) those of its uniform sequential pruning at that ratio."""
     if method == "sparsegpt":
-        factors = dense_hessian_factors(model, calib, device, offload, percdamp)
+        factors = hessian_factors(model, calib, device, offload, percdamp, blocksize, pruned_at)
         return OneShotSparseGPT(model, factors, device, dense, blocksize)
-    return OneShotPruner(model, dense_input_stats(model, calib, device, offload), method, bounds, device, dense)
+    stats = input_stats(model, calib, device, offload, method, pruned_at)
+    return OneShotPruner(model, stats, method, bounds, device, dense)
+
+
+def stats_ratio(profile) -> float | None:
+    """The uniform ratio whose sequential pruning gave a oneshot search's statistics (``--trial_stats uniform``),
+    or None for the dense model's (profiles without the entry, as before it existed)."""
+    return profile.target_sparsity if profile.meta.get("trial_stats") == "uniform" else None
 
 
 def shipped_oneshot(profile, method: str, structured: bool = False) -> bool:
@@ -279,19 +311,21 @@ def shipped_oneshot(profile, method: str, structured: bool = False) -> bool:
 @torch.no_grad()
 def prune_oneshot(model: nn.Module, calib: list[torch.Tensor], profile, method: str, device: str | torch.device,
                   offload: bool = False, blocksize: int = 128, percdamp: float = 0.01) -> PruneResult:
-    """Prune ``profile`` as oneshot search trials do (from the dense model's activations: scores thresholded per
-    row, or SparseGPT's layer-wise passes): how a profile that shipped a oneshot model is applied again."""
+    """Prune ``profile`` as oneshot search trials do (from the dense model's activations or, as the profile
+    records, its uniform sequential pruning's: scores thresholded per row, or SparseGPT's layer-wise passes): how
+    a profile that shipped a oneshot model is applied again."""
     from .search_space import module_shapes, profile_counts
 
     t0 = time.perf_counter()
     counts = profile_counts(profile, module_shapes(model))
+    pruned_at = stats_ratio(profile)
     if method == "sparsegpt":
-        factors = dense_hessian_factors(model, calib, device, offload, percdamp)
+        factors = hessian_factors(model, calib, device, offload, percdamp, blocksize, pruned_at)
         t1 = time.perf_counter()
         pruner = OneShotSparseGPT(model, factors, device, None, blocksize)
         pruner.apply(counts)
     else:
-        stats = dense_input_stats(model, calib, device, offload)
+        stats = input_stats(model, calib, device, offload, method, pruned_at)
         t1 = time.perf_counter()
         pruner = OneShotPruner(model, stats, method, {u: (k, k) for u, k in counts.items()}, device)
     result = pruner.masks()

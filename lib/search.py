@@ -381,6 +381,7 @@ def _describe(prof: Profile, value: float, cfg: SearchConfig, model_name: str, s
     prof.meta.update({"study_name": study_name, "storage": url.split("@")[-1], "objective": cfg.objective,
                       "objective_value": value, "search": cfg.kind, "granularity": cfg.granularity,
                       "num_blocks": cfg.num_blocks, "trial_mode": cfg.trial_mode, "seed": cfg.seed,
+                      "trial_stats": cfg.trial_stats if cfg.trial_mode == "oneshot" else None,
                       "sampler": cfg.sampler, "pruner": cfg.pruner, "sparsity_range": cfg.sparsity_range,
                       "coarse_fraction": cfg.coarse_fraction if cfg.granularity == "trend_layer" else None,
                       "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,

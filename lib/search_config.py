@@ -8,6 +8,7 @@ SEARCH_KINDS = ("sparsity", "kv", "joint")
 GRANULARITIES = ("block", "layer", "module", "block_module", "trend", "trend_layer")
 TREND_DEPTH_PARAMS = ("trend_slope", "trend_curve")
 TRIAL_MODES = ("oneshot", "sequential")
+TRIAL_STATS = ("dense", "uniform")
 OBJECTIVES = ("ppl", "kl")
 SEARCH_METHODS = ("wanda", "optspa", "sparsegpt")
 # Chosen from the ablations in scripts/bench_search.py (README, "Search results").
@@ -64,6 +65,9 @@ class SearchConfig:
     budget_evals: float | None = None  # cap in full objective evaluations
     seed: int = 0
     trial_mode: str = "oneshot"
+    # oneshot trials' activations: the dense model's, or those of the method's uniform sequential pruning at
+    # the target (lib/oneshot.py)
+    trial_stats: str = "dense"
     method: str = "optspa"
     sampler: str = "tpe"
     pruner: str = "auto"  # auto: median, or none for samplers that learn from complete trials only (gp, cmaes)
@@ -123,6 +127,10 @@ class SearchConfig:
             raise SearchError(f"unknown --search_granularity {self.granularity!r}")
         if self.trial_mode not in TRIAL_MODES:
             raise SearchError(f"unknown --trial_mode {self.trial_mode!r}")
+        if self.trial_stats not in TRIAL_STATS:
+            raise SearchError(f"unknown --trial_stats {self.trial_stats!r}")
+        if self.trial_stats != "dense" and self.trial_mode != "oneshot":
+            raise SearchError("--trial_stats applies to oneshot trials only (--trial_mode oneshot)")
         if self.objective not in OBJECTIVES:
             raise SearchError(f"unknown --objective {self.objective!r}")
         if self.sampler not in SAMPLERS:

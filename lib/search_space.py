@@ -146,6 +146,8 @@ class SearchSpace:
                 "levels": [self.lo, self.hi], "quantum": self.quantum, "shapes": shapes, "method": self.cfg.method,
                 "kv": [self.kv_choices, self.kv_budget, self.cfg.kv_separate] if self.cfg.searches_kv else None,
                 "mode": self.cfg.trial_mode, "objective": self.cfg.objective}
+        if self.cfg.trial_stats != "dense":  # absent for the default: older studies keep their fingerprint
+            desc["stats"] = self.cfg.trial_stats
         if self.trend:  # same units as "layer", other parameters: a study of one is not the other's
             desc["trend"] = [self.cfg.granularity, self.cfg.coarse_fraction, self.types]
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]

@@ -65,9 +65,11 @@ class TrialRunner:
             self.snapshot = DenseSnapshot(model)
             if cfg.trial_mode == "oneshot":
                 t0 = time.perf_counter()
+                pruned_at = cfg.target if cfg.trial_stats == "uniform" else None
                 self.oneshot = oneshot_pruner(model, calib, cfg.method, space.count_bounds(), device, offload,
-                                              self.snapshot, cfg.blocksize, cfg.percdamp)
-                logger.info("oneshot %s state from dense activations in %.1f s", cfg.method,
+                                              self.snapshot, cfg.blocksize, cfg.percdamp, pruned_at)
+                logger.info("oneshot %s state from %s in %.1f s", cfg.method, "dense activations"
+                            if pruned_at is None else f"its uniform sequential pruning at {pruned_at:g}",
                             time.perf_counter() - t0)
 
     def memory(self) -> dict[str, float]:

@@ -76,6 +76,8 @@ VARIANTS = {  # the ablations that choose the defaults
     "cbaseline": {"coarse_pruner": "baseline", "n_trials": 400},
     "seq": {"trial_mode": "sequential"},  # trials pruned layer by layer (SparseGPT's only mode until 7 Dec. 2026)
     "rp4": {"reprune_top": 4},  # the 4 best profiles re-pruned sequentially (default the best one)
+    # oneshot trials from the uniform sequential pruning's activations (SparseGPT: its Hessians), not the dense model's
+    "su": {"trial_stats": "uniform"},
     # the sampler's seed alone (calibration, objective and everything else as the cell without it): how far the
     # same search lands from itself, the noise every single-cell comparison sits in
     "seed1": {"sampler_seed": 1}, "seed2": {"sampler_seed": 2}, "seed3": {"sampler_seed": 3},
@@ -336,10 +338,10 @@ class Bench:
                 **self.prune(method, Profile.uniform(len(decoder_layers(self.model)), target))}
 
     def owl(self, method: str, target: float) -> dict:
-        from lib.oneshot import dense_input_stats
+        from lib.oneshot import input_stats
         from lib.owl import DEFAULT_LAMBDA, DEFAULT_M, owl_profile
 
-        prof = owl_profile(self.model, dense_input_stats(self.model, self.calib, "cpu"), target)
+        prof = owl_profile(self.model, input_stats(self.model, self.calib, "cpu"), target)
         self.snapshot.restore()
         return {"allocation": "owl", "method": method, "target": target, "owl_lambda": DEFAULT_LAMBDA,
                 "owl_m": DEFAULT_M, "layer_sparsity": prof.sparsity, **self.prune(method, prof)}
@@ -393,6 +395,7 @@ class Bench:
         reprune_top = v.pop("reprune_top", a.reprune_top)
         sampler_seed = v.pop("sampler_seed", a.seed)
         trial_mode = v.pop("trial_mode", "oneshot")
+        trial_stats = v.pop("trial_stats", "dense")
         # else SearchConfig's
         tool_keys = ("coarse_fraction", "coarse_sampler", "coarse_pruner", "startup_scale", "restarts",
                      "restart_mean", "elite_mean")
@@ -406,7 +409,7 @@ class Bench:
                            sampler=v["sampler"], pruner=v["pruner"], reprune_top=reprune_top,
                            select_top=select_top, objective=v["objective"], trend_types=v["trend_types"],
                            save_dir=os.path.join(a.study_dir or self.work, f"{method}-{target}-{variant}"),
-                           trial_mode=trial_mode, **tool_defaults)
+                           trial_mode=trial_mode, trial_stats=trial_stats, **tool_defaults)
         v["range"] = cfg.sparsity_range  # "default" leaves it to the tool (it follows the target): record what ran
 
         def tokens(n: int):
@@ -426,7 +429,8 @@ class Bench:
                "select_top": select_top, "reprune_top": reprune_top, "coarse_fraction": cfg.coarse_fraction,
                "coarse_sampler": cfg.coarse_sampler if cfg.granularity == "trend_layer" else None,
                "coarse_pruner": cfg.coarse_pruner if cfg.granularity == "trend_layer" else None,
-               "sampler_seed": sampler_seed, "trial_mode": trial_mode, "startup_scale": cfg.startup_scale,
+               "sampler_seed": sampler_seed, "trial_mode": trial_mode, "trial_stats": trial_stats,
+               "startup_scale": cfg.startup_scale,
                "restarts": cfg.restarts, "elite_mean": cfg.elite_mean, "restart_mean": cfg.restart_mean,
                "search": {**r.summary(), "seconds": r.seconds, "trials": len(r.trials),
                           "objective_windows": windows, "uniform_value": uniform_val,

@@ -147,14 +147,15 @@ def test_profiles_from_rebuilds_the_shipped_model_of_another_cells_dir(tiny_llam
 def test_a_sparsegpt_search_cell_is_rebuilt_exactly_and_shows_its_factors(tiny_llama, data_dir, tmp_path):
     """The SparseGPT-base search (oneshot trials, the tool's default): its cell records the trial mode and the
     factors it held, the table row shows them, and --profiles_from rebuilds the model it shipped bit for bit
-    (SparseGPT moves the weights it keeps, so only its own procedure gives them back)."""
+    (SparseGPT moves the weights it keeps, so only its own procedure gives them back), with the dense model's
+    Hessians or the uniform sequential pruning's (``+su``)."""
     import json
 
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
     common = [sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
               "--nsamples", "4", "--objective_nsamples", "2", "--n_trials", "6", "--budget", "3", "--threads", "1",
               "--c4_windows", "2", "--test_windows", "3", "--targets", "0.5", "--methods", "sparsegpt",
-              "--cells", "search", "--variants", "default"]
+              "--cells", "search", "--variants", "default", "default+su"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
     for args in (["--cells_dir", first], ["--cells_dir", second, "--profiles_from", first]):
@@ -165,6 +166,12 @@ def test_a_sparsegpt_search_cell_is_rebuilt_exactly_and_shows_its_factors(tiny_l
     out = json.load(open(os.path.join(second, tag, name), encoding="utf-8"))
     assert src["trial_mode"] == "oneshot" and src["search"]["shipped"] in ("oneshot", "sequential")
     assert out["rebuilt_value"] == src["search"]["shipped_value"] and out["wikitext2_test"] == src["wikitext2_test"]
+    # trials from the uniform sequential pruning's Hessians (the profile says so): rebuilt as exactly
+    su = [json.load(open(os.path.join(d, tag, "search-sparsegpt-s0.50-default+su.json"), encoding="utf-8"))
+          for d in (first, second)]
+    assert su[0]["trial_stats"] == "uniform" and su[0]["profile"]["meta"]["trial_stats"] == "uniform"
+    assert su[1]["rebuilt_value"] == su[0]["search"]["shipped_value"]
+    assert su[0]["search"]["uniform_value"] != src["search"]["uniform_value"]  # trial 0: other Hessians
     memory = src["search"]["memory"]
     factors = memory["oneshot_host_bytes"] / memory["decoder_linear_bytes"]
     assert memory["oneshot_band_bytes"] == 0 and 0 < factors

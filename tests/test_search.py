@@ -21,7 +21,7 @@ from lib.owl import outlier_ratios, owl_allocation
 from lib.profile import Profile
 from lib.prune import check_sparsity, prune_optspa
 from lib.masks import unpack
-from lib.oneshot import DenseSnapshot, dense_input_stats
+from lib.oneshot import DenseSnapshot, input_stats
 from lib.search import run_search
 from lib.samplers import make_pruner
 from lib.study import open_storage
@@ -167,7 +167,7 @@ def test_owl_allocation_mean_shape_and_direction(tiny_llama):
     assert owl_allocation([0.02] * 3, 0.5) == [0.5] * 3
     lm = load_model(tiny_llama, dtype="float32")
     calib = [torch.randint(5, len(lm.tokenizer), (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    out = outlier_ratios(lm.model, dense_input_stats(lm.model, calib, "cpu"), 5.0)
+    out = outlier_ratios(lm.model, input_stats(lm.model, calib, "cpu"), 5.0)
     assert len(out) == 2 and all(0 <= o < 1 for o in out)
 
 
@@ -185,7 +185,7 @@ def test_oneshot_trials_equal_prune_mask_on_dense_scores_in_any_sequence(tiny_ll
     lm = load_model(tiny_llama, dtype="float32")
     shapes = module_shapes(lm.model)
     snap = DenseSnapshot(lm.model)
-    stats = dense_input_stats(lm.model, _calib(lm), "cpu")
+    stats = input_stats(lm.model, _calib(lm), "cpu")
     bounds = {u: (int(c * 0.2), int(c * 0.8)) for u, (_, c) in shapes.items()}
     pruner = OneShotPruner(lm.model, stats, method, bounds, "cpu", snap)
     rng = random.Random(0)
@@ -247,7 +247,7 @@ def test_sparsegpt_oneshot_trials_are_sparsegpt_on_the_dense_inputs_in_any_seque
     """A SparseGPT oneshot trial prunes every linear as SparseGPT would with the dense model's Hessian, from its
     dense weights: whatever trials came before (only changed modules are solved again), after the weights were
     restored, and from a profile applied again; linears that read one input share one factor."""
-    from lib.oneshot import OneShotSparseGPT, dense_hessian_factors, oneshot_pruner, prune_oneshot
+    from lib.oneshot import OneShotSparseGPT, hessian_factors, oneshot_pruner, prune_oneshot
 
     lm = load_model(tiny_llama, dtype="float32")
     calib = _calib(lm)
@@ -281,7 +281,7 @@ def test_sparsegpt_oneshot_trials_are_sparsegpt_on_the_dense_inputs_in_any_seque
     res = prune_oneshot(lm.model, calib, prof, "sparsegpt", "cpu")
     assert all(torch.equal(want[u][0], m.weight.data) for u, m in snap.modules.items()) and len(res.masks) == 14
     snap.restore()
-    without = OneShotSparseGPT(lm.model, dense_hessian_factors(lm.model, calib, "cpu"), "cpu")  # no dense copy
+    without = OneShotSparseGPT(lm.model, hessian_factors(lm.model, calib, "cpu"), "cpu")  # no dense copy
     without.apply(draws[0])  # each module once, from the model's own (dense) weights
     assert all(torch.equal(wants[0][u][0], m.weight.data) for u, m in snap.modules.items())
     with pytest.raises(ValueError, match="dense snapshot"):
@@ -296,13 +296,74 @@ def test_prune_oneshot_reapplies_a_profile_as_the_trials_pruned_it(tiny_llama):
     prof = Profile(num_layers=2, sparsity=[0.4, 0.6], module_sparsity={1: {"mlp.up_proj": 0.3}})
     counts = profile_counts(prof, module_shapes(lm.model))
     snap = DenseSnapshot(lm.model)
-    OneShotPruner(lm.model, dense_input_stats(lm.model, calib, "cpu"), "optspa",
+    OneShotPruner(lm.model, input_stats(lm.model, calib, "cpu"), "optspa",
                   {u: (k, k) for u, k in counts.items()}, "cpu")
     want = {u: m.weight.data.clone() for u, m in snap.modules.items()}
     snap.restore()
     res = prune_oneshot(lm.model, calib, prof, "optspa", "cpu")
     assert all(torch.equal(want[u], m.weight.data) for u, m in snap.modules.items())
     assert len(res.masks) == len(want)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_trials_from_the_uniform_pruning_see_what_the_sequential_pruning_sees(tiny_llama, method):
+    """``--trial_stats uniform``: the statistics come from the method's uniform sequential pruning at the target,
+    the model is dense again after it, and the uniform trial is that sequential model bit for bit (the same inputs
+    per layer, the same solver); other counts prune from those statistics, not the dense model's."""
+    from lib.oneshot import hessian_factors, oneshot_pruner
+    from lib.prune import prune_sparsegpt, prune_wanda
+
+    lm = load_model(tiny_llama, dtype="float32")
+    calib = _calib(lm)
+    shapes = module_shapes(lm.model)
+    snap = DenseSnapshot(lm.model)
+    uniform = Profile.uniform(2, 0.5)
+    counts = profile_counts(uniform, shapes)
+    if method == "sparsegpt":
+        stats, dense = hessian_factors(lm.model, calib, "cpu", pruned_at=0.5), hessian_factors(lm.model, calib, "cpu")
+        stats, dense = ({u: f[0] for u, f in d.items()} for d in (stats, dense))
+    else:
+        stats = input_stats(lm.model, calib, "cpu", method=method, pruned_at=0.5)
+        dense = input_stats(lm.model, calib, "cpu")
+    for u in shapes:  # layer 0 reads the embeddings either way; layer 1 reads a pruned layer 0's outputs
+        assert torch.equal(stats[u], dense[u]) == (u[0] == 0), u
+    assert all(torch.equal(m.weight.data, snap.weights[u]) for u, m in snap.modules.items())  # dense again
+    pruner = oneshot_pruner(lm.model, calib, method, {u: (k // 2, k) for u, k in counts.items()}, "cpu",
+                            dense=snap, pruned_at=0.5)
+    pruner.apply(counts)
+    got = {u: m.weight.data.clone() for u, m in snap.modules.items()}
+    snap.restore()
+    (prune_sparsegpt if method == "sparsegpt" else prune_wanda)(lm.model, calib, uniform, SparsityType())
+    assert all(torch.equal(got[u], m.weight.data) for u, m in snap.modules.items())
+    snap.restore()
+    fewer = {u: k // 2 for u, k in counts.items()}  # another trial: pruned from the same statistics
+    pruner.rebuild(fewer)
+    got = {u: m.weight.data.clone() for u, m in snap.modules.items()}
+    snap.restore()
+    oneshot_pruner(lm.model, calib, method, {u: (k, k) for u, k in fewer.items()}, "cpu").apply(fewer)
+    assert all(torch.equal(got[u], m.weight.data) == (u[0] == 0) for u, m in snap.modules.items())
+
+
+def test_a_search_on_uniform_statistics_ships_what_it_scored_and_reloads_it(tiny_llama, data_dir, tmp_path):
+    """The profile records where its trials' statistics came from; applying it again (a fresh model, the same
+    calibration) gives the shipped weights, and the study is not mixed with one on the dense statistics."""
+    from lib.objective import Objective
+    from lib.oneshot import prune_oneshot, shipped_oneshot
+
+    kw = dict(kind="sparsity", granularity="layer", n_trials=4, method="sparsegpt", study_name="su",
+              sparsity_range=0.3)
+    r, lm = _lib_search(tiny_llama, data_dir, tmp_path, trial_stats="uniform", **kw)
+    ids = data.get_eval_tokens("wikitext2", lm.tokenizer, data_dir, "validation", 32)
+    assert Objective(lm.model, ids, 32, 2, "cpu", False)() == r.shipped_value == r.best_value
+    assert r.profile.meta["trial_stats"] == "uniform" and shipped_oneshot(r.profile, "sparsegpt")
+    fresh = load_model(tiny_llama, dtype="float32")
+    calib = data.get_calibration("c4", fresh.tokenizer, 4, 0, 32, data_dir)
+    prune_oneshot(fresh.model, calib, Profile.from_dict(r.profile.to_dict()), "sparsegpt", "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(fresh.model.parameters(), lm.model.parameters()))
+    with pytest.raises(SearchError, match="other search settings"):
+        _lib_search(tiny_llama, data_dir, tmp_path, **kw)
+    with pytest.raises(SearchError, match="oneshot trials only"):
+        SearchConfig(target=0.5, trial_mode="sequential", trial_stats="uniform").check()
 
 
 # ------------------------------------------------------------------------------------ library: seeds, resume
