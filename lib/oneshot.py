@@ -73,10 +73,14 @@ def _stats_pass(model: nn.Module, calib: list[torch.Tensor], device: str | torch
                 pruned_at: float | None = None) -> dict:
     """One pass over the model, layer by layer through the shared capture path: ``collector(linear)`` sees every
     prunable linear's inputs, and ``result(collector)`` is kept per unit. Without ``pruned_at`` the inputs are the
-    dense model's. With it, each layer is then pruned uniformly at that ratio by its collectors (the method's
-    own sequential pruning), its outputs feed the next layer, and its dense weights are put back: the statistics
-    are those a sequential pruning at ``pruned_at`` sees, and the model ends dense."""
+    dense model's. With it, each layer is then pruned by its collectors as the method's own sequential pruning
+    prunes a search's uniform allocation at that target, its outputs feed the next layer, and its dense weights
+    are put back: the statistics are those that pruning sees, and the model ends dense."""
+    from .search_space import uniform_profile
+
     device = torch.device(device)
+    # what a search's uniform trial prunes (the target in whole columns per row, the budget exact)
+    uniform = uniform_profile(model, pruned_at) if pruned_at is not None else None
     inputs = capture_layer_inputs(model, calib, device)
     out: dict[Unit, object] = {}
     for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, leave=False)):
@@ -91,8 +95,8 @@ def _stats_pass(model: nn.Module, calib: list[torch.Tensor], device: str | torch
                 out[(i, n)] = result(c)
             if pruned_at is not None:
                 dense = {n: m.weight.data.clone() for n, m in linears.items()}
-                for c in collectors.values():
-                    c.prune(pruned_at, SparsityType())
+                for n, c in collectors.items():
+                    c.prune(uniform.ratio(i, n), SparsityType())
                     c.free()
                 inputs.hidden = run_layer(layer, inputs, device)
                 for n, m in linears.items():

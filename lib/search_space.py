@@ -380,12 +380,20 @@ def realized_profile(model: nn.Module, ratios: dict[Unit, float], target: float,
     module: dict[int, dict[str, float]] = {}
     for (i, name), kk in counts.items():
         cols = shapes[(i, name)][1]
-        if int(cols * per_layer[i]) == kk and abs(ratios[(i, name)] - per_layer[i]) < 1e-9:
-            continue  # the layer ratio already prunes this count: no override, a readable profile
-        module.setdefault(i, {})[name] = count_ratio(kk, cols)
+        ratio = count_ratio(kk, cols)
+        if ratio == per_layer[i] and abs(ratios[(i, name)] - per_layer[i]) < 1e-9:
+            continue  # the layer ratio is this count's: no override, a readable profile
+        # Every module's ratio is count_ratio(count): SparseGPT prunes the ratio itself (per block), so a layer
+        # ratio that merely rounds to the same count would prune otherwise sequentially than its oneshot trials.
+        module.setdefault(i, {})[name] = ratio
     prof = Profile(num_layers=num_layers, sparsity=per_layer, module_sparsity=module, target_sparsity=target, **kw)
     prof.meta["realized_sparsity"] = realized_sparsity(shapes, counts)
     return prof
+
+
+def uniform_profile(model: nn.Module, target: float) -> Profile:
+    """A search's uniform allocation as its trial 0 prunes it (:func:`realized_profile` of ``target`` everywhere)."""
+    return realized_profile(model, {u: target for u in module_shapes(model)}, target)
 
 
 def profile_counts(profile: Profile, shapes: dict[Unit, tuple[int, int]]) -> dict[Unit, int]:

@@ -94,6 +94,19 @@ VARIANTS = {  # the ablations that choose the defaults
 }
 
 
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: perplexities of distinct models)."""
+    def ranks(v):
+        r = [0] * len(v)
+        for k, i in enumerate(sorted(range(len(v)), key=lambda i: v[i])):
+            r[i] = k
+        return r
+
+    n = len(xs)
+    d2 = sum((a - b) ** 2 for a, b in zip(ranks(xs), ranks(ys)))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
 def variant_settings(name: str) -> dict:
     """A variant's settings over the defaults; ``a+b`` combines variants (``evolution+b200``)."""
     parts = name.split("+")
@@ -456,7 +469,8 @@ class Bench:
 
     def rank_agreement(self, method: str, target: float, n: int) -> dict:
         """Oneshot vs sequential ranking: ``n`` random feasible allocations of the default space, each scored
-        on the search objective pruned oneshot (as trials are) and sequentially (as a re-prune is)."""
+        on the search objective pruned oneshot (as trials are: from the dense model's statistics, and from the
+        uniform sequential pruning's, ``--trial_stats uniform``) and sequentially (as a re-prune is)."""
         import random
 
         from lib.objective import Objective
@@ -474,32 +488,29 @@ class Bench:
             space.allocation([rng.randint(lo, hi) for lo, hi in zip(space.lo, space.hi)]) for _ in range(n - 1)]
         obj = Objective(self.model, self.val_ids, self.seqlen, self.args.objective_nsamples, "cpu", False)
         calib = self.calib[: self.args.rank_nsamples or len(self.calib)]  # both rankings see the same windows
-        pruner = oneshot_pruner(self.model, calib, method, space.count_bounds(), "cpu", dense=self.snapshot)
         profiles = [realized_profile(self.model, a.unit_ratio, target) for a in allocs]
-        oneshot = []
-        for prof in profiles:
-            pruner.apply(profile_counts(prof, shapes))
-            oneshot.append(obj())
+
+        def oneshot(pruned_at):  # trials' statistics from the dense model or the uniform sequential pruning
+            self.snapshot.restore()
+            pruner = oneshot_pruner(self.model, calib, method, space.count_bounds(), "cpu", dense=self.snapshot,
+                                    pruned_at=pruned_at)
+            values = []
+            for prof in profiles:
+                pruner.apply(profile_counts(prof, shapes))
+                values.append(obj())
+            return values
+
+        dense_stats, uniform_stats = oneshot(None), oneshot(target)
         sequential = []
         for prof in profiles:
             self.snapshot.restore()
             prune_sequential(method, self.model, calib, prof, "cpu", False)
             sequential.append(obj())
-
-        def ranks(xs):
-            order = sorted(range(len(xs)), key=lambda i: xs[i])
-            r = [0] * len(xs)
-            for k, i in enumerate(order):
-                r[i] = k
-            return r
-
-        ra, rb = ranks(oneshot), ranks(sequential)
-        d2 = sum((a - b) ** 2 for a, b in zip(ra, rb))
-        spearman = 1 - 6 * d2 / (n * (n * n - 1))
         self.snapshot.restore()  # the cell's evaluation then scores the dense model; not a pruned row
         return {"allocation": "rank", "method": method, "target": target, "profiles": n, "calib_windows": len(calib),
-                "oneshot": oneshot,
-                "sequential": sequential, "spearman": spearman, "skip_eval": True}
+                "oneshot": dense_stats, "sequential": sequential, "spearman": spearman(dense_stats, sequential),
+                "oneshot_uniform_stats": uniform_stats, "spearman_uniform_stats": spearman(uniform_stats, sequential),
+                "skip_eval": True}
 
     # ------------------------------------------------------------------ KV bits (dense or pruned weights)
     def kv_cfg(self, key_bits: list[int], value_bits: list[int]):

@@ -89,6 +89,7 @@ def markdown(cells: dict, tag: str) -> str:
                     + (f", the {c['elite_mean']} best averaged last"
                        + (" (best trial)" if str(s["best_trial"]) in (s.get("elite_values") or {}) else "")
                        if c.get("elite_mean") else "")
+                    + (", trials on the uniform pruning's statistics" if c.get("trial_stats") == "uniform" else "")
                     + f", shipped {s['shipped']})")
             if c.get("profile_from"):  # rebuilt from a cell of another protocol, not searched here
                 source = os.path.basename(os.path.dirname(os.path.dirname(c["profile_from"])))
@@ -115,7 +116,9 @@ def markdown(cells: dict, tag: str) -> str:
                      f"{c['spearman']:.3f} over {c['profiles']} random feasible profiles of the per-layer space "
                      f"(+-{LAYER_SPACE_RANGE:g}), "
                      "each scored on the search objective both ways"
-                     + (f" (pruned with {c['calib_windows']} calibration windows)." if c.get("calib_windows") else "."))
+                     + (f" (pruned with {c['calib_windows']} calibration windows)" if c.get("calib_windows") else "")
+                     + (f"; {c['spearman_uniform_stats']:.3f} with the trials' statistics from the uniform "
+                        "sequential pruning (`--trial_stats uniform`)." if "spearman_uniform_stats" in c else "."))
     return "\n".join(lines + restarts_markdown(cells))
 
 

@@ -284,3 +284,27 @@ def test_trial_stops_reads_each_trials_stage_and_replays_old_csvs_restart_by_res
                                        "1,1,COMPLETE,5.0,4\n0,0,COMPLETE,10.0,4\n0,1,COMPLETE,8.0,4\n")})
     assert out["search-a"].endswith("trend 1/2 stopped, best 10.00; layer 0/2 stopped, best 6.00")
     assert out["search-b"].endswith("trend 0/2 stopped, best 9.00; layer 0/2 stopped, best 5.00")
+
+
+def test_rank_cell_scores_each_profile_three_ways_and_the_uniform_one_agrees(tiny_llama, data_dir, tmp_path):
+    """The rank cell: random profiles pruned oneshot from the dense model's statistics, oneshot from the uniform
+    sequential pruning's, and sequentially; the first profile is the uniform one, whose oneshot model from the
+    uniform pruning's statistics is the sequential model itself (the same value, exactly)."""
+    import json
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_search.py")
+    cells_dir = str(tmp_path / "cells")
+    run = subprocess.run([sys.executable, script, "--model", tiny_llama, "--data_dir", data_dir, "--seqlen", "32",
+                          "--nsamples", "4", "--objective_nsamples", "2", "--threads", "1", "--c4_windows", "2",
+                          "--test_windows", "3", "--targets", "0.6", "--methods", "sparsegpt", "wanda",
+                          "--cells", "rank", "--cells_dir", cells_dir, "--rank_profiles", "5", "--rank_nsamples", "3"],
+                         capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    tag = os.path.basename(tiny_llama)
+    for method in ("sparsegpt", "wanda"):
+        c = json.load(open(os.path.join(cells_dir, tag, f"rank-{method}-s0.60-n5.json"), encoding="utf-8"))
+        assert c["calib_windows"] == 3 and len(c["oneshot"]) == len(c["oneshot_uniform_stats"]) == 5
+        assert c["oneshot_uniform_stats"][0] == c["sequential"][0] != c["oneshot"][0]
+        bench = load_script("bench_search")
+        assert c["spearman"] == bench.spearman(c["oneshot"], c["sequential"]) and -1 <= c["spearman"] <= 1
+        assert "with the trials' statistics from the uniform" in bench.markdown({"r": c}, tag)
