@@ -234,7 +234,8 @@ class OneShotPruner:
 
 class OneShotSparseGPT:
     """SparseGPT with every linear's Hessian from the dense model's inputs (EvoPress's layer-wise
-    compression, without its database of levels): the damped inverse-Hessian factors are computed once
+    compression, without its database of levels), or from its uniform sequential pruning's (``--trial_stats
+    uniform``): the damped inverse-Hessian factors are computed once
     (:func:`hessian_factors`), and :meth:`apply` runs the OBS pass of each module whose count changed,
     from its dense weights (the host snapshot), at ``count_ratio(k, cols)``. The same counts give the same
     weights, so the shipped model is the scored one. Without a snapshot each module can be pruned once (the
