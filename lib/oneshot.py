@@ -1,6 +1,6 @@
 """What a trial prunes from: input statistics, the oneshot pruner, and the dense snapshot.
 
-Oneshot trials score every weight once from the calibration activations (Wanda's |W|·‖X‖ or the Optspa metric) and a
+Oneshot trials score every weight once from calibration activations (Wanda's |W|·‖X‖ or the Optspa metric) and a
 trial only thresholds: per row, the ``k`` lowest scores are zero. Any feasible trial prunes between
 ``k_min`` and ``k_max`` columns per row of a module (:meth:`SearchSpace.count_bounds`), so the pruner keeps
 only that band of the per-row order; the ``k_min`` lowest are zeroed once and stay zero (their positions
