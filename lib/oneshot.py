@@ -289,16 +289,30 @@ class OneShotSparseGPT:
         return sum(t.numel() * t.element_size() for f in seen.values() for t in f)
 
 
+def oneshot_state(model: nn.Module, calib: list[torch.Tensor], method: str, device: str | torch.device,
+                  offload: bool = False, blocksize: int = 128, percdamp: float = 0.01,
+                  pruned_at: float | None = None) -> dict[Unit, object]:
+    """What ``method``'s oneshot trials prune from: input statistics (wanda, optspa) or SparseGPT's factors, from
+    the dense model's inputs or (``pruned_at``) those of its uniform sequential pruning at that ratio."""
+    if method == "sparsegpt":
+        return hessian_factors(model, calib, device, offload, percdamp, blocksize, pruned_at)
+    return input_stats(model, calib, device, offload, method, pruned_at)
+
+
+def _pruner(model: nn.Module, state: dict, method: str, bounds: dict[Unit, tuple[int, int]],
+            device: str | torch.device, dense: DenseSnapshot | None, blocksize: int):
+    if method == "sparsegpt":
+        return OneShotSparseGPT(model, state, device, dense, blocksize)
+    return OneShotPruner(model, state, method, bounds, device, dense)
+
+
 def oneshot_pruner(model: nn.Module, calib: list[torch.Tensor], method: str, bounds: dict[Unit, tuple[int, int]],
                    device: str | torch.device, offload: bool = False, dense: DenseSnapshot | None = None,
                    blocksize: int = 128, percdamp: float = 0.01, pruned_at: float | None = None):
-    """The oneshot pruner of ``method``: thresholded scores (wanda, optspa) or SparseGPT's layer-wise passes, from
-    the dense model's inputs or (``pruned_at``) those of its uniform sequential pruning at that ratio."""
-    if method == "sparsegpt":
-        factors = hessian_factors(model, calib, device, offload, percdamp, blocksize, pruned_at)
-        return OneShotSparseGPT(model, factors, device, dense, blocksize)
-    stats = input_stats(model, calib, device, offload, method, pruned_at)
-    return OneShotPruner(model, stats, method, bounds, device, dense)
+    """The oneshot pruner of ``method`` (:func:`oneshot_state`): thresholded scores (wanda, optspa) or SparseGPT's
+    layer-wise passes."""
+    state = oneshot_state(model, calib, method, device, offload, blocksize, percdamp, pruned_at)
+    return _pruner(model, state, method, bounds, device, dense, blocksize)
 
 
 def stats_ratio(profile) -> float | None:
@@ -323,16 +337,10 @@ def prune_oneshot(model: nn.Module, calib: list[torch.Tensor], profile, method: 
 
     t0 = time.perf_counter()
     counts = profile_counts(profile, module_shapes(model))
-    pruned_at = stats_ratio(profile)
-    if method == "sparsegpt":
-        factors = hessian_factors(model, calib, device, offload, percdamp, blocksize, pruned_at)
-        t1 = time.perf_counter()
-        pruner = OneShotSparseGPT(model, factors, device, None, blocksize)
-        pruner.apply(counts)
-    else:
-        stats = input_stats(model, calib, device, offload, method, pruned_at)
-        t1 = time.perf_counter()
-        pruner = OneShotPruner(model, stats, method, {u: (k, k) for u, k in counts.items()}, device)
+    state = oneshot_state(model, calib, method, device, offload, blocksize, percdamp, stats_ratio(profile))
+    t1 = time.perf_counter()
+    pruner = _pruner(model, state, method, {u: (k, k) for u, k in counts.items()}, device, None, blocksize)
+    pruner.apply(counts)  # SparseGPT solves here; thresholded scores were pruned to the counts on construction
     result = pruner.masks()
     result.calib_seconds, result.prune_seconds = t1 - t0, time.perf_counter() - t1
     return result
