@@ -32,7 +32,7 @@ from .layerwise import capture_layer_inputs, run_layer
 from .masks import pack, unpack
 from .models import decoder_layers, find_linears, layer_prefix
 from .offload import on_device
-from .prune import InputStats, PruneResult, SparseGPTCollector, _Collector, collect_layer_inputs
+from .prune import Collector, InputStats, PruneResult, SparseGPTCollector, collect_layer_inputs
 from .sparsegpt import SharedInputs, inverse_factor, obs_prune
 from .sparsity import SparsityType, optspa_score, wanda_score
 
@@ -69,7 +69,7 @@ class DenseSnapshot:
 
 @torch.no_grad()
 def _stats_pass(model: nn.Module, calib: list[torch.Tensor], device: str | torch.device, offload: bool,
-                collector: Callable[[nn.Linear], _Collector], result: Callable[[_Collector], object], desc: str,
+                collector: Callable[[nn.Linear], Collector], result: Callable[[Collector], object], desc: str,
                 pruned_at: float | None = None) -> dict:
     """One pass over the model, layer by layer through the shared capture path: ``collector(linear)`` sees every
     prunable linear's inputs, and ``result(collector)`` is kept per unit. Without ``pruned_at`` the inputs are the

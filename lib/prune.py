@@ -43,7 +43,8 @@ class PruneResult:
         self.shapes[name] = tuple(mask.shape)
 
 
-class _Collector(Protocol):
+class Collector(Protocol):
+    """What the calibration pass feeds: one per linear, fed its inputs batch by batch, then asked for a mask."""
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None: ...
     def prune(self, ratio: float, pattern: SparsityType) -> torch.Tensor: ...
     def free(self) -> None: ...
@@ -107,7 +108,7 @@ class SparseGPTCollector:
 
 
 # ----------------------------------------------------------------------------------------- driver
-def collect_layer_inputs(layer: nn.Module, inputs, device: str | torch.device, collectors: dict[str, _Collector],
+def collect_layer_inputs(layer: nn.Module, inputs, device: str | torch.device, collectors: dict[str, Collector],
                          keep: bool = False) -> list[torch.Tensor]:
     """Run ``layer`` on every stored batch while each named linear's collector sees that linear's inputs;
     returns the layer's outputs when ``keep`` (the pruning driver and the search's dense statistics share it)."""
@@ -123,7 +124,7 @@ def collect_layer_inputs(layer: nn.Module, inputs, device: str | torch.device, c
 
 def _prune_sequential(
     model: nn.Module, calib: list[torch.Tensor], profile: Profile, pattern: SparsityType,
-    make_collector: Callable[[nn.Linear], _Collector], device: str | torch.device, offload: bool, desc: str,
+    make_collector: Callable[[nn.Linear], Collector], device: str | torch.device, offload: bool, desc: str,
 ) -> PruneResult:
     device = torch.device(device)
     result = PruneResult()
