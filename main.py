@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lib.prune import METHODS
     from lib.samplers import COARSE_SAMPLERS, PRUNERS, SAMPLERS
-    from lib.search_config import DEFAULT_GRANULARITY, GRANULARITIES, SearchConfig
+    from lib.search_config import DEFAULT_GRANULARITY, GRANULARITIES, LOW_TARGET, SearchConfig
 
     p = _Parser(prog="main.py", description="Post-training pruning and KV-cache compression for LLaMA/LLaVA models.")
     p.add_argument("--model", required=True, help="hub id or local directory (LLaMA-family causal LM, LLaVA-1.5/1.6)")
@@ -73,12 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna search of per-unit sparsity (any calibrated method), per-layer KV bits (any method), "
                         "or both. Default: --prune_method optspa searches sparsity (the paper's method), every "
                         "other method prunes uniformly; 'none' never searches")
-    s.add_argument("--search_granularity", default=DEFAULT_GRANULARITY, choices=list(GRANULARITIES),
+    s.add_argument("--search_granularity", default=None, choices=list(GRANULARITIES),
                    help="one ratio per layer block (--num_blocks), per layer, per linear (module), or per block "
                         "and projection type (block_module: q, k, v, o, gate, up, down); trend: a depth trend "
                         "(slope, curve) plus one offset per projection type, nine numbers; trend_layer: the trend "
                         "for --coarse_fraction of the evaluations, then every layer around the best trend "
-                        f"(default {DEFAULT_GRANULARITY})")
+                        f"(default: trend up to a {LOW_TARGET:g} target, {DEFAULT_GRANULARITY} above; chosen by "
+                        "the SmolLM2 ablation)")
     s.add_argument("--no_trend_types", action="store_true",
                    help="trend, trend_layer: the depth terms only, one ratio per layer (the ablation)")
     s.add_argument("--coarse_fraction", type=float, default=None,
@@ -136,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oneshot: from dense activations once, each trial thresholds the scores (SparseGPT: "
                         "runs its layer-wise passes on the dense Hessians); sequential: layer-by-layer "
                         "recalibration per trial; auto: oneshot")
-    s.add_argument("--trial_stats", default="dense", choices=["dense", "uniform"],
+    s.add_argument("--trial_stats", default=None, choices=["dense", "uniform"],
                    help="oneshot trials' activations (and SparseGPT's Hessians): the dense model's, or those of "
                         "the method's uniform sequential pruning at the target, so trials see inputs shifted by "
-                        "upstream pruning as a sequential pruning does (one such pruning at setup)")
+                        "upstream pruning as a sequential pruning does (one such pruning at setup). Default: "
+                        f"uniform up to a {LOW_TARGET:g} target, dense above (the SmolLM2 ablation)")
     s.add_argument("--reprune_top", type=int, default=1,
                    help="after the search, re-prune the best K profiles sequentially, score them on the same "
                         "objective and ship one only if it beats the best trial (default 1; 0 = off)")

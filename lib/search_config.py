@@ -12,7 +12,9 @@ TRIAL_STATS = ("dense", "uniform")
 OBJECTIVES = ("ppl", "kl")
 SEARCH_METHODS = ("wanda", "optspa", "sparsegpt")
 # Chosen from the ablations in scripts/bench_search.py (README, "Search results").
-DEFAULT_GRANULARITY = "trend_layer"
+DEFAULT_GRANULARITY = "trend_layer"  # above LOW_TARGET; up to it, the trend alone (default_granularity)
+# Up to this target the default search is the trend alone, its trials on the uniform pruning's statistics.
+LOW_TARGET = 0.55
 
 
 def default_sparsity_range(target: float) -> float:
@@ -28,6 +30,20 @@ def default_coarse_fraction(target: float) -> float:
     sampler seed with the optspa base at 60% and 70% and lost at 50% with both bases; at 70% with the Wanda base
     it lost both seeds by less than the seed's own spread."""
     return round(min(0.5, max(0.25, 0.25 + 2.5 * (target - 0.5))), 6)
+
+
+def default_granularity(target: float) -> str:
+    """The units when none are given: the nine-number trend alone up to a 55% target, ``trend_layer`` (the
+    trend, then every layer around the best one) above. In the SmolLM2 ablation (README, "The trend alone on the
+    uniform pruning's statistics") the trend alone with ``default_trial_stats`` won at 50% with both bases; at
+    60% the per-layer refinement won."""
+    return "trend" if target <= LOW_TARGET + 1e-9 else DEFAULT_GRANULARITY
+
+
+def default_trial_stats(target: float, trial_mode: str) -> str:
+    """Oneshot trials' activations when none are given: up to a 55% target the method's uniform sequential
+    pruning's (one such pruning at setup), above it the dense model's (they lost at 60% and 70% on SmolLM2)."""
+    return "uniform" if trial_mode == "oneshot" and target <= LOW_TARGET + 1e-9 else "dense"
 
 
 class SearchError(ValueError):
@@ -50,7 +66,7 @@ def selection_nsamples(select_nsamples: int | None, objective_nsamples: int) -> 
 class SearchConfig:
     target: float
     kind: str = "sparsity"
-    granularity: str = DEFAULT_GRANULARITY
+    granularity: str | None = None  # None: default_granularity(target)
     num_blocks: int = 8
     coarse_fraction: float | None = None  # trend_layer: the trend's share of the evaluations; None: by target
     coarse_sampler: str = "tpe"  # trend_layer: the sampler of the trend stage (the refine stage uses ``sampler``)
@@ -66,8 +82,8 @@ class SearchConfig:
     seed: int = 0
     trial_mode: str = "oneshot"
     # oneshot trials' activations: the dense model's, or those of the method's uniform sequential pruning at
-    # the target (lib/oneshot.py)
-    trial_stats: str = "dense"
+    # the target (lib/oneshot.py); None: default_trial_stats(target, trial_mode)
+    trial_stats: str | None = None
     method: str = "optspa"
     sampler: str = "tpe"
     pruner: str = "auto"  # auto: median, or none for samplers that learn from complete trials only (gp, cmaes)
@@ -94,6 +110,11 @@ class SearchConfig:
             self.sparsity_range = default_sparsity_range(self.target)
         if self.coarse_fraction is None:
             self.coarse_fraction = default_coarse_fraction(self.target)
+        # A KV-only search prunes nothing in its trials: the old defaults keep its study names and fingerprints.
+        if self.granularity is None:
+            self.granularity = default_granularity(self.target) if self.searches_sparsity else DEFAULT_GRANULARITY
+        if self.trial_stats is None:
+            self.trial_stats = default_trial_stats(self.target, self.trial_mode) if self.searches_sparsity else "dense"
         if self.coarse_pruner == "auto":
             self.coarse_pruner = default_pruner(self.coarse_sampler) if self.pruner == "auto" else self.pruner
         if self.pruner == "auto":

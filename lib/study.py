@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .search_config import SearchConfig, SearchError
+from .search_config import LOW_TARGET, SearchConfig, SearchError
 
 
 def storage_url(cfg: SearchConfig) -> str:
@@ -123,6 +123,7 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
             log.warning("study '%s' does not record what its trials were scored on; assuming the same data", name)
         study.set_user_attr("scoring", scoring)
     if have is None:
+        _note_old_default_study(cfg, name, storage, log)
         study.set_user_attr("space", space_fingerprint)
         study.set_user_attr("target_sparsity", cfg.target)
         study.set_user_attr("model", model_name)
@@ -131,9 +132,24 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
         if cfg.searches_sparsity:
             study.set_user_attr("sparsity_range", cfg.sparsity_range)
             study.set_user_attr("trial_mode", cfg.trial_mode)
+            study.set_user_attr("granularity", cfg.granularity)
+            study.set_user_attr("trial_stats", cfg.trial_stats)
             if cfg.granularity == "trend_layer":
                 study.set_user_attr("coarse_fraction", cfg.coarse_fraction)
     return study
+
+
+def _note_old_default_study(cfg: SearchConfig, name: str, storage, log) -> None:
+    """A new default-named study up to LOW_TARGET: say so when the storage holds the one the same command made
+    before the default became the trend alone (its name says trend_layer), so a resume is not silently a restart."""
+    import optuna
+
+    if cfg.study_name is not None or cfg.granularity != "trend" or cfg.target > LOW_TARGET + 1e-9:
+        return
+    old = name.replace("-trend-s", "-trend_layer-s", 1)
+    if old != name and old in optuna.get_all_study_names(storage):
+        log.warning("starting study '%s'; the storage holds '%s', made under the earlier default: pass "
+                    "--search_granularity trend_layer --trial_stats dense to resume that one", name, old)
 
 
 def _default_hint(cfg: SearchConfig, attrs: dict) -> str:
@@ -149,6 +165,12 @@ def _default_hint(cfg: SearchConfig, attrs: dict) -> str:
     if theirs is not None and theirs != cfg.sparsity_range:
         return (f" (it searched +-{theirs:g}, this run +-{cfg.sparsity_range:g}: the default range grows with the "
                 f"target; pass --sparsity_range {theirs:g} to resume it)")
+    old_default = attrs.get("coarse_fraction") is not None and attrs.get("trial_stats", "dense") == "dense"
+    if old_default and cfg.target <= LOW_TARGET + 1e-9 and (cfg.granularity, cfg.trial_stats) != ("trend_layer",
+                                                                                                   "dense"):
+        return (f" (it searched trend_layer units on the dense model's statistics, the default up to a "
+                f"{LOW_TARGET:g} target before the trend alone on the uniform pruning's became it; pass "
+                "--search_granularity trend_layer --trial_stats dense to resume it)")
     if cfg.granularity != "trend_layer":
         return ""
     theirs = attrs.get("coarse_fraction")

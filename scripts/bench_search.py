@@ -39,7 +39,10 @@ sys.path.insert(0, ROOT)
 
 logger = logging.getLogger("bench_search")
 # The ablations' base. "default" is the tool's own defaults: its range follows the target
-# (lib.search_space.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say.
+# (lib.search_space.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say. Up to
+# lib.search_config.LOW_TARGET it is the defaults before the trend alone on the uniform pruning's statistics
+# became the tool's there (session 41): the stored cells keep their names, and the tool's default is
+# "default+trend+su" there.
 DEFAULT_VARIANT = {"range": 0.2, "granularity": "trend_layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
                    "trend_types": True, "objective_spread": False, "objective_text": None}
 VARIANTS = {  # the ablations that choose the defaults

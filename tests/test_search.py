@@ -2,6 +2,7 @@
 OWL, and bad flag combinations. Tiny models, few trials, few objective windows."""
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -361,7 +362,7 @@ def test_a_search_on_uniform_statistics_ships_what_it_scored_and_reloads_it(tiny
     prune_oneshot(fresh.model, calib, Profile.from_dict(r.profile.to_dict()), "sparsegpt", "cpu")
     assert all(torch.equal(p, q) for p, q in zip(fresh.model.parameters(), lm.model.parameters()))
     with pytest.raises(SearchError, match="other search settings"):
-        _lib_search(tiny_llama, data_dir, tmp_path, **kw)
+        _lib_search(tiny_llama, data_dir, tmp_path, trial_stats="dense", **kw)
     with pytest.raises(SearchError, match="oneshot trials only"):
         SearchConfig(target=0.5, trial_mode="sequential", trial_stats="uniform").check()
 
@@ -481,7 +482,8 @@ def test_restarts_are_the_separate_searches_and_the_best_shipped_model_ships(tin
     (here a later restart's: its oneshot model, or its re-prune restored from its masks), scored as shipped."""
     from lib.objective import Objective
 
-    kw = dict(kind="sparsity", granularity="module", n_trials=8, sparsity_range=0.3, reprune_top=1)
+    kw = dict(kind="sparsity", granularity="module", n_trials=8, sparsity_range=0.3, reprune_top=1,
+              trial_stats="dense")
     alone = [_lib_search(tiny_llama, data_dir, tmp_path / f"alone{k}", seed=seed + k, **kw)[0] for k in range(3)]
     r, lm = _lib_search(tiny_llama, data_dir, tmp_path / "restarts", seed=seed, restarts=3, **kw)
     names = {s.study_name for s in optuna.get_all_study_summaries(r.storage)}
@@ -941,6 +943,40 @@ def test_the_default_trend_share_follows_the_target(tiny_llama, data_dir, tmp_pa
         _lib_search(tiny_llama, data_dir, tmp_path, n_trials=6, **kw)
 
 
+def test_the_default_search_follows_the_target(tiny_llama, data_dir, tmp_path, caplog):
+    """Up to LOW_TARGET the trend alone on the uniform pruning's statistics, above it trend_layer on the dense
+    model's; explicit settings win. A study made under the earlier default at 50% is refused with the flags that
+    resume it, and a default-named run next to one says which flags resume it instead of restarting silently."""
+    from lib.search_config import LOW_TARGET
+
+    assert LOW_TARGET == 0.55
+    for target, grain, stats in ((0.3, "trend", "uniform"), (0.5, "trend", "uniform"), (0.55, "trend", "uniform"),
+                                 (0.6, "trend_layer", "dense"), (0.7, "trend_layer", "dense")):
+        cfg = SearchConfig(target=target)
+        assert (cfg.granularity, cfg.trial_stats) == (grain, stats), target
+    assert SearchConfig(target=0.5, trial_mode="sequential").trial_stats == "dense"  # uniform is oneshot's only
+    assert (SearchConfig(target=0.5, kind="kv").granularity, SearchConfig(target=0.5, kind="kv").trial_stats) == \
+        ("trend_layer", "dense")  # a KV search keeps its study names and fingerprints
+    explicit = SearchConfig(target=0.5, granularity="layer", trial_stats="dense")
+    assert (explicit.granularity, explicit.trial_stats) == ("layer", "dense")
+    old = dict(kind="sparsity", granularity="trend_layer", trial_stats="dense", n_trials=2, seed=1)
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path, study_name="s", **old)
+    with pytest.raises(SearchError, match=r"trend_layer units on the dense model's statistics, the default up to a "
+                                          r"0.55 target .* --search_granularity trend_layer --trial_stats dense"):
+        _lib_search(tiny_llama, data_dir, tmp_path, study_name="s", kind="sparsity", granularity=None, n_trials=3,
+                    seed=1)
+    more, _ = _lib_search(tiny_llama, data_dir, tmp_path, study_name="s", **{**old, "n_trials": 3})
+    assert len(more.trials) == 3
+    # the same command without --study_name: the default name says trend now, and the log names the old study
+    r, _ = _lib_search(tiny_llama, data_dir, tmp_path / "d", **old)
+    assert "-trend_layer-s0.50" in r.study_name
+    with caplog.at_level(logging.WARNING):
+        new, _ = _lib_search(tiny_llama, data_dir, tmp_path / "d", kind="sparsity", granularity=None, n_trials=2,
+                             seed=1)
+    assert new.study_name == r.study_name.replace("-trend_layer-", "-trend-") and len(new.trials) == 2
+    assert f"the storage holds '{r.study_name}', made under the earlier default" in caplog.text
+
+
 # ------------------------------------------------------------------------------------ command line
 def test_prune_method_optspa_means_search_then_prune(tiny_llama, data_dir, tmp_path, capsys):
     base = _args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_ratio", "0.5", "--n_trials", "3")
@@ -949,10 +985,12 @@ def test_prune_method_optspa_means_search_then_prune(tiny_llama, data_dir, tmp_p
     assert "searching the sparsity allocation" in out and "trial 0:" in out
     res = json.load(open(tmp_path / "s" / "results_optspa.json"))
     assert res["search"]["shipped"] in ("oneshot", "sequential") and res["search"]["complete_trials"] >= 1
-    # no --sparsity_range: the target's default, said in the log and kept in the profile
-    assert "trend_layer units within 0.5 +- 0.2, the trend for 0.25 of the evaluations" in out
+    # no --sparsity_range, --search_granularity or --trial_stats: the target's defaults, said in the log and kept
+    # in the profile (at 50%: the trend alone, on the uniform pruning's statistics)
+    assert "trend units within 0.5 +- 0.2" in out and "from its uniform sequential pruning at 0.5" in out
     prof = json.load(open(tmp_path / "s" / "profile_optspa_unstructured_s0.50.json"))
-    assert prof["meta"]["sparsity_range"] == 0.2 and prof["meta"]["coarse_fraction"] == 0.25
+    assert prof["meta"]["sparsity_range"] == 0.2 and prof["meta"]["granularity"] == "trend"
+    assert prof["meta"]["trial_stats"] == "uniform"
     # The ablation: the uniform metric, no search.
     code, out, err = run_cli([*base, "--layer_allocation", "uniform", "--save", str(tmp_path / "u")], capsys)
     assert code == 0, err
@@ -1522,7 +1560,7 @@ def test_an_elite_mean_trial_cut_short_is_evaluated_on_resume(tiny_llama, data_d
     from lib.trials import StudySearch
 
     kw = dict(kind="sparsity", granularity="trend_layer", n_trials=40, budget_evals=10, coarse_fraction=0.5,
-              sparsity_range=0.2, objective_nsamples=4, pruner="median", seed=2, elite_mean=3)
+              sparsity_range=0.2, objective_nsamples=4, pruner="median", seed=2, elite_mean=3, trial_stats="dense")
     whole, _ = _lib_search(tiny_llama, data_dir, tmp_path / "whole", **kw)
     objective = StudySearch.objective
 
