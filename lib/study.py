@@ -165,9 +165,10 @@ def _default_hint(cfg: SearchConfig, attrs: dict) -> str:
     if theirs is not None and theirs != cfg.sparsity_range:
         return (f" (it searched +-{theirs:g}, this run +-{cfg.sparsity_range:g}: the default range grows with the "
                 f"target; pass --sparsity_range {theirs:g} to resume it)")
+    # trend_layer studies record their share; dense statistics left no mark before they were recorded
     old_default = attrs.get("coarse_fraction") is not None and attrs.get("trial_stats", "dense") == "dense"
-    if old_default and cfg.target <= LOW_TARGET + 1e-9 and (cfg.granularity, cfg.trial_stats) != ("trend_layer",
-                                                                                                   "dense"):
+    this_run = (cfg.granularity, cfg.trial_stats)
+    if old_default and cfg.target <= LOW_TARGET + 1e-9 and this_run != ("trend_layer", "dense"):
         return (f" (it searched trend_layer units on the dense model's statistics, the default up to a "
                 f"{LOW_TARGET:g} target before the trend alone on the uniform pruning's became it; pass "
                 "--search_granularity trend_layer --trial_stats dense to resume it)")
