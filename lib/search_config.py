@@ -32,19 +32,24 @@ def default_coarse_fraction(target: float) -> float:
     return round(min(0.5, max(0.25, 0.25 + 2.5 * (target - 0.5))), 6)
 
 
+def low_target(target: float) -> bool:
+    """Whether ``target`` takes the low-target defaults (up to LOW_TARGET; float noise in the flag forgiven)."""
+    return target <= LOW_TARGET + 1e-9
+
+
 def default_granularity(target: float) -> str:
     """The units when none are given: the nine-number trend alone up to a 55% target, ``trend_layer`` (the
     trend, then every layer around the best one) above. In the SmolLM2 ablation (README, "The default up to
     55%") the trend alone on the uniform pruning's statistics won at 50% with all three bases (four sampler seeds
     with optspa and Wanda, one with SparseGPT); at 60% the per-layer refinement won (one seed). The cut sits
     midway, where nothing was measured."""
-    return "trend" if target <= LOW_TARGET + 1e-9 else DEFAULT_GRANULARITY
+    return "trend" if low_target(target) else DEFAULT_GRANULARITY
 
 
 def default_trial_stats(target: float, trial_mode: str) -> str:
     """Oneshot trials' activations when none are given: up to a 55% target the method's uniform sequential
     pruning's (one such pruning at setup), above it the dense model's (they lost at 60% and 70% on SmolLM2)."""
-    return "uniform" if trial_mode == "oneshot" and target <= LOW_TARGET + 1e-9 else "dense"
+    return "uniform" if trial_mode == "oneshot" and low_target(target) else "dense"
 
 
 class SearchError(ValueError):

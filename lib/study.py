@@ -7,12 +7,13 @@ import json
 import os
 import time
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .search_config import LOW_TARGET, SearchConfig, SearchError
+from .search_config import LOW_TARGET, SearchConfig, SearchError, low_target
 
 
 def storage_url(cfg: SearchConfig) -> str:
@@ -123,7 +124,7 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
             log.warning("study '%s' does not record what its trials were scored on; assuming the same data", name)
         study.set_user_attr("scoring", scoring)
     if have is None:
-        _note_old_default_study(cfg, name, storage, log)
+        _note_old_default_study(cfg, name, model_name, storage, log)
         study.set_user_attr("space", space_fingerprint)
         study.set_user_attr("target_sparsity", cfg.target)
         study.set_user_attr("model", model_name)
@@ -139,15 +140,17 @@ def open_study(cfg: SearchConfig, name: str, url: str, space_fingerprint: str, s
     return study
 
 
-def _note_old_default_study(cfg: SearchConfig, name: str, storage, log) -> None:
+def _note_old_default_study(cfg: SearchConfig, name: str, model_name: str, storage, log) -> None:
     """A new default-named study up to LOW_TARGET: say so when the storage holds the one the same command made
     before the default became the trend alone (its name says trend_layer), so a resume is not silently a restart."""
     import optuna
 
-    if cfg.study_name is not None or cfg.granularity != "trend" or cfg.target > LOW_TARGET + 1e-9:
+    if cfg.study_name is not None or cfg.granularity != "trend" or not low_target(cfg.target):
         return
-    old = name.replace("-trend-s", "-trend_layer-s", 1)
-    if old != name and old in optuna.get_all_study_names(storage):
+    # the name the same command got under the earlier default, from the one naming rule (restarts keep their suffix)
+    new_base = default_study_name(cfg, model_name)
+    old = default_study_name(replace(cfg, granularity="trend_layer"), model_name) + name[len(new_base):]
+    if name.startswith(new_base) and old in optuna.get_all_study_names(storage):
         log.warning("starting study '%s'; the storage holds '%s', made under the earlier default: pass "
                     "--search_granularity trend_layer --trial_stats dense to resume that one", name, old)
 
@@ -168,7 +171,7 @@ def _default_hint(cfg: SearchConfig, attrs: dict) -> str:
     # trend_layer studies record their share; dense statistics left no mark before they were recorded
     old_default = attrs.get("coarse_fraction") is not None and attrs.get("trial_stats", "dense") == "dense"
     this_run = (cfg.granularity, cfg.trial_stats)
-    if old_default and cfg.target <= LOW_TARGET + 1e-9 and this_run != ("trend_layer", "dense"):
+    if old_default and low_target(cfg.target) and this_run != ("trend_layer", "dense"):
         return (f" (it searched trend_layer units on the dense model's statistics, the default up to a "
                 f"{LOW_TARGET:g} target before the trend alone on the uniform pruning's became it; pass "
                 "--search_granularity trend_layer --trial_stats dense to resume it)")
