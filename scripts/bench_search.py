@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 logger = logging.getLogger("bench_search")
 # The ablations' base. "default" is the tool's own defaults: its range follows the target
-# (lib.search_space.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say. Up to
+# (lib.search_config.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say. Up to
 # lib.search_config.LOW_TARGET it is the defaults before the trend alone on the uniform pruning's statistics
 # became the tool's there (session 41): the stored cells keep their names, and the tool's default is
 # "default+trend+su" there.
