@@ -133,6 +133,10 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
     runner: TrialRunner | None = None
     memory: dict[str, float] = {}
     restarts: list[StudySearch] = []
+    if cfg.restarts > 1:
+        logger.info("%d restarts (sampler seeds %d to %d), each its own study, %s; the best shipped model ships "
+                    "(--restarts 1: one search)", cfg.restarts, cfg.seed, cfg.seed + cfg.restarts - 1,
+                    "then the mean of their best allocations" if cfg.restart_mean else "no mean of them")
     try:  # the objectives hold files (kl: the dense distribution on disk) until closed, whatever happens
         for i in range(cfg.restarts):  # each restart opens (and so checks) its study before its trials run
             study = StudySearch(cfg, i, restart_study_name(name, i), cfg.seed + i, url, model_name, shapes,

@@ -41,10 +41,12 @@ logger = logging.getLogger("bench_search")
 # The ablations' base. "default" is the tool's own defaults: its range follows the target
 # (lib.search_config.default_sparsity_range; None here), the ablation variants keep +-0.2 unless they say. Up to
 # lib.search_config.LOW_TARGET it is the defaults before the trend alone on the uniform pruning's statistics
-# became the tool's there (session 41): the stored cells keep their names, and the tool's default is
-# "default+trend+su" there.
+# became the tool's there (session 41), and above it one search, the defaults before two restarts and their mean
+# became the tool's there (session 43): the stored cells keep their names, and the tool's default is
+# "default+trend+su" up to LOW_TARGET and "default+x2m" above it.
 DEFAULT_VARIANT = {"range": 0.2, "granularity": "trend_layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
-                   "trend_types": True, "objective_spread": False, "objective_text": None}
+                   "trend_types": True, "objective_spread": False, "objective_text": None,
+                   "restarts": 1, "restart_mean": False}
 VARIANTS = {  # the ablations that choose the defaults
     "default": {"range": None},
     "r0.05": {"range": 0.05}, "r0.1": {"range": 0.1}, "r0.2": {"range": 0.2}, "r0.3": {"range": 0.3},

@@ -931,7 +931,7 @@ def test_the_default_trend_share_follows_the_target(tiny_llama, data_dir, tmp_pa
         SearchSpace(SearchConfig(target=0.7, coarse_fraction=0.25), shapes, 4).fingerprint()
     # a study made with a quarter on the trend (the default before it followed the target) is refused with the
     # flag that resumes it, and resumes with that flag
-    kw = dict(kind="sparsity", granularity="trend_layer", sparsity_range=0.3, target=0.7, seed=2)
+    kw = dict(kind="sparsity", granularity="trend_layer", sparsity_range=0.3, target=0.7, seed=2, restarts=1)
     r, _ = _lib_search(tiny_llama, data_dir, tmp_path, n_trials=4, coarse_fraction=0.25, **kw)
     with pytest.raises(SearchError, match=r"it spent 0.25 of .* this run 0.5.*--coarse_fraction 0.25 to resume"):
         _lib_search(tiny_llama, data_dir, tmp_path, n_trials=5, **kw)
@@ -941,6 +941,38 @@ def test_the_default_trend_share_follows_the_target(tiny_llama, data_dir, tmp_pa
     optuna.load_study(study_name=r.study_name, storage=r.storage).set_user_attr("coarse_fraction", None)
     with pytest.raises(SearchError, match=r"this run spends 0.5 .* spent 0.25: pass --coarse_fraction 0.25"):
         _lib_search(tiny_llama, data_dir, tmp_path, n_trials=6, **kw)
+
+
+def test_two_restarts_and_their_mean_are_the_default_above_55_percent():
+    """Above LOW_TARGET a sparsity search runs two restarts and their mean unless told otherwise; up to it, and
+    for KV and joint searches, one search. Explicit settings win, and explicit restarts above 55% keep the mean."""
+    for target, kind, want in ((0.3, "sparsity", (1, False)), (0.55, "sparsity", (1, False)),
+                               (0.56, "sparsity", (2, True)), (0.6, "sparsity", (2, True)),
+                               (0.7, "sparsity", (2, True)), (0.7, "joint", (1, False)), (0.0, "kv", (1, False))):
+        cfg = SearchConfig(target=target, kind=kind)
+        assert (cfg.restarts, cfg.restart_mean) == want, (target, kind)
+        cfg.check()
+    assert (SearchConfig(target=0.7, restarts=1).restarts, SearchConfig(target=0.7, restarts=1).restart_mean) == \
+        (1, False)
+    assert SearchConfig(target=0.7, restarts=3).restart_mean is True
+    assert (SearchConfig(target=0.7, restart_mean=False).restarts, SearchConfig(target=0.7, restart_mean=False)
+            .restart_mean) == (2, False)
+    assert SearchConfig(target=0.5, restarts=2).restart_mean is False  # at 50% the mean lost: asked for only
+    assert SearchConfig(target=0.5, restarts=2, restart_mean=True).restart_mean is True
+    with pytest.raises(SearchError, match="restart_mean"):
+        SearchConfig(target=0.7, restarts=1, restart_mean=True).check()
+
+
+def test_a_single_search_resumes_as_restart_0_of_the_default_above_55_percent(tiny_llama, data_dir, tmp_path):
+    """A 70% study made as one search (the default before session 43) is restart 0 of the new default: its trials
+    are reused, not redone, and restart 1 runs beside it; the mean of the two is scored after them."""
+    kw = dict(kind="sparsity", granularity="layer", target=0.7, sparsity_range=0.2, n_trials=3, seed=1)
+    one, _ = _lib_search(tiny_llama, data_dir, tmp_path, restarts=1, **kw)
+    two, _ = _lib_search(tiny_llama, data_dir, tmp_path, **kw)
+    rows = lambda r, i: [(t["number"], t["value"]) for t in r.trials if t.get("restart", 0) == i]  # noqa: E731
+    assert rows(two, 0) == rows(one, 0) and len(rows(two, 1)) == 3
+    assert two.restart_values[0] == one.best_value and "oneshot" in two.restart_mean_values
+    assert two.study_name in (one.study_name, one.study_name + "-restart1")
 
 
 def test_the_default_search_follows_the_target(tiny_llama, data_dir, tmp_path, caplog):
@@ -1032,6 +1064,9 @@ def test_cli_saved_model_scores_the_best_trials_value(tiny_llama, data_dir, tmp_
     assert res["selection_windows"] == (3 if select else None)
     assert Objective(lm.model, ids, 32, windows, "cpu", False)() == res["shipped_value"]
     assert res["shipped_value"] <= (min(res["selection_values"].values()) if select else res["best_value"])
+    # above 55% the default is two restarts and their mean: both studies ran, the mean was scored both ways
+    assert len(res["restart_values"]) == 2 and set(res["restart_mean_values"]) == {"oneshot", "sequential"}
+    assert "2 restarts (sampler seeds 0 to 1)" in err + out
     # The profile reloads and prunes the same model again (oneshot or sequential, as it was shipped).
     prof = tmp_path / "s" / "profile_optspa_unstructured_s0.60.json"
     code, out, err = run_cli(_args(tiny_llama, data_dir, "--prune_method", "optspa", "--sparsity_profile", str(prof),
@@ -1162,6 +1197,8 @@ BAD = {
     "no restarts": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--restarts", "0"], "restarts"),
     "restart mean of one search": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--restart_mean"],
                                    "restart_mean"),
+    "restart mean of one search above 55%": (["--prune_method", "optspa", "--sparsity_ratio", "0.7", "--restarts",
+                                              "1", "--restart_mean"], "restart_mean"),
     "unknown coarse pruner": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--coarse_pruner", "x"],
                               "coarse_pruner"),
     "startup scale of 0": (["--prune_method", "optspa", "--sparsity_ratio", "0.5", "--startup_scale", "0"],
