@@ -128,13 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restarts", type=int, default=None,
                    help="independent searches, the sampler seeded --search_seed, +1, ...: each its own study "
                         "(--study_name, then -restart1, ...) with its own --n_trials and --search_budget; the one "
-                        "whose shipped model scores best ships (default: 2 for a sparsity search above a 55%% "
-                        "target, where one search's draws spread widely; 1 otherwise)")
+                        "whose shipped model scores best ships (default: 2 for a wanda or optspa sparsity search "
+                        "above a 55%% target, where one search's draws spread widely; 1 otherwise)")
     s.add_argument("--restart_mean", action=argparse.BooleanOptionalAction, default=None,
                    help="after the restarts, prune the mean of their best allocations (budget kept exact), "
                         "oneshot and re-pruned as --reprune_top allows, score it on the objective and ship it "
                         "only if it beats every restart's model (bagging: the restarts' noise averages out). "
-                        "Default: on where two restarts are the default (a sparsity search above 55%%)")
+                        "Default: on where two restarts are the default (a wanda or optspa sparsity search above 55%%)")
     s.add_argument("--trial_mode", default="auto", choices=["auto", "oneshot", "sequential"],
                    help="oneshot: from dense activations once, each trial thresholds the scores (SparseGPT: "
                         "runs its layer-wise passes on the dense Hessians); sequential: layer-by-layer "

@@ -46,20 +46,22 @@ def default_granularity(target: float) -> str:
     return "trend" if low_target(target) else DEFAULT_GRANULARITY
 
 
-def default_restarts(target: float, kind: str) -> int:
-    """Independent searches when none are asked for: two for a sparsity search above a 55% target, else one. On
-    SmolLM2 (optspa, full test set) a single search's draws spread widely there: 0.249-0.368 of the gap at 60%
-    (mean 0.318 over three seeds), 0.596-0.729 at 70% (0.665 over four); two restarts and their mean closed
-    0.357-0.385 (mean 0.370) and 0.676-0.763 (0.724) over three pairs (README, "More draws of the defaults").
-    At 50% they did not help (optspa: 0.136 against the seeds' 0.142; Wanda: seed 0's model shipped)."""
-    return 2 if kind == "sparsity" and not low_target(target) else 1
+def default_restarts(target: float, kind: str, method: str = "optspa") -> int:
+    """Independent searches when none are asked for: two for a Wanda or Optspa sparsity search above a 55% target,
+    else one. On SmolLM2 (optspa, full test set) a single search's draws spread widely there: 0.249-0.368 of the
+    gap at 60% (mean 0.318 over three seeds), 0.596-0.729 at 70% (0.665 over four); two restarts and their mean
+    closed 0.357-0.385 (mean 0.370) and 0.676-0.763 (0.724) over three pairs (README, "More draws of the
+    defaults"). At 50% they did not help (optspa: 0.136 against the seeds' 0.142; Wanda: seed 0's model shipped).
+    SparseGPT keeps one search: at 60% two restarts shipped the first one's model in 2.8 times its time (its
+    sequential re-prunes, one per restart and one for the mean, take minutes each on a CPU)."""
+    return 2 if kind == "sparsity" and method != "sparsegpt" and not low_target(target) else 1
 
 
-def default_restart_mean(target: float, kind: str, restarts: int) -> bool:
-    """Whether the restarts' mean is tried when not asked: with two or more restarts where two are the default
-    (it shipped in two of three pairs at 70%, none at 50% and 60%). It costs one evaluation and a sequential
-    pruning, and ships only when it beats every restart's model."""
-    return restarts >= 2 and default_restarts(target, kind) >= 2
+def default_restart_mean(target: float, kind: str, restarts: int, method: str = "optspa") -> bool:
+    """Whether the restarts' mean is tried when not asked: with two or more restarts of a search whose default is
+    two (it shipped in two of three pairs at 70% with optspa and at 60% with Wanda; lost at 50% and with optspa at
+    60%). It costs one evaluation and a sequential pruning, and ships only when it beats every restart's model."""
+    return restarts >= 2 and default_restarts(target, kind, method) >= 2
 
 
 def default_trial_stats(target: float, trial_mode: str) -> str:
@@ -139,9 +141,9 @@ class SearchConfig:
         if self.trial_stats is None:
             self.trial_stats = default_trial_stats(self.target, self.trial_mode) if self.searches_sparsity else "dense"
         if self.restarts is None:
-            self.restarts = default_restarts(self.target, self.kind)
+            self.restarts = default_restarts(self.target, self.kind, self.method)
         if self.restart_mean is None:
-            self.restart_mean = default_restart_mean(self.target, self.kind, self.restarts)
+            self.restart_mean = default_restart_mean(self.target, self.kind, self.restarts, self.method)
         if self.coarse_pruner == "auto":
             self.coarse_pruner = default_pruner(self.coarse_sampler) if self.pruner == "auto" else self.pruner
         if self.pruner == "auto":

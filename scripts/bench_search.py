@@ -43,7 +43,7 @@ logger = logging.getLogger("bench_search")
 # lib.search_config.LOW_TARGET it is the defaults before the trend alone on the uniform pruning's statistics
 # became the tool's there (session 41), and above it one search, the defaults before two restarts and their mean
 # became the tool's there (session 43): the stored cells keep their names, and the tool's default is
-# "default+trend+su" up to LOW_TARGET and "default+x2m" above it.
+# "default+trend+su" up to LOW_TARGET and "default+x2m" above it (Wanda and Optspa bases; SparseGPT's stays one).
 DEFAULT_VARIANT = {"range": 0.2, "granularity": "trend_layer", "sampler": "tpe", "objective": "ppl", "pruner": "median",
                    "trend_types": True, "objective_spread": False, "objective_text": None,
                    "restarts": 1, "restart_mean": False}

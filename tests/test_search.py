@@ -944,11 +944,14 @@ def test_the_default_trend_share_follows_the_target(tiny_llama, data_dir, tmp_pa
 
 
 def test_two_restarts_and_their_mean_are_the_default_above_55_percent():
-    """Above LOW_TARGET a sparsity search runs two restarts and their mean unless told otherwise; up to it, and
-    for KV and joint searches, one search. Explicit settings win, and explicit restarts above 55% keep the mean."""
+    """Above LOW_TARGET a Wanda or Optspa sparsity search runs two restarts and their mean unless told otherwise;
+    up to it, with SparseGPT, and for KV and joint searches, one search. Explicit settings win, and explicit
+    restarts above 55% keep the mean."""
     for target, kind, want in ((0.3, "sparsity", (1, False)), (0.55, "sparsity", (1, False)),
                                (0.56, "sparsity", (2, True)), (0.6, "sparsity", (2, True)),
                                (0.7, "sparsity", (2, True)), (0.7, "joint", (1, False)), (0.0, "kv", (1, False))):
+        cfg = SearchConfig(target=target, kind=kind, method="wanda")
+        assert (cfg.restarts, cfg.restart_mean) == want, (target, kind)
         cfg = SearchConfig(target=target, kind=kind)
         assert (cfg.restarts, cfg.restart_mean) == want, (target, kind)
         cfg.check()
@@ -957,6 +960,10 @@ def test_two_restarts_and_their_mean_are_the_default_above_55_percent():
     assert SearchConfig(target=0.7, restarts=3).restart_mean is True
     assert (SearchConfig(target=0.7, restart_mean=False).restarts, SearchConfig(target=0.7, restart_mean=False)
             .restart_mean) == (2, False)
+    # SparseGPT keeps one search (two shipped the first's model in 2.8x its time); asked for, it runs them
+    sg = SearchConfig(target=0.7, method="sparsegpt")
+    assert (sg.restarts, sg.restart_mean) == (1, False)
+    assert SearchConfig(target=0.7, method="sparsegpt", restarts=2, restart_mean=True).restart_mean is True
     assert SearchConfig(target=0.5, restarts=2).restart_mean is False  # at 50% the mean lost: asked for only
     assert SearchConfig(target=0.5, restarts=2, restart_mean=True).restart_mean is True
     with pytest.raises(SearchError, match="restart_mean"):

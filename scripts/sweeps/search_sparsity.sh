@@ -2,7 +2,7 @@
 # The paper's method at 50/60/70%: TPE search of the sparsity allocation with the Optspa metric, prune with the
 # best profile (the shipped model is the scored one) and report WikiText-2 test ppl. `--prune_method optspa`
 # alone already searches; the flags below only make the unit and trial count explicit. Above a 55% target each
-# search runs two restarts and their mean by default (N_TRIALS each): pass --restarts 1 for one search.
+# optspa search runs two restarts and their mean by default (N_TRIALS each): pass --restarts 1 for one search.
 # Models: llava-hf/llava-1.5-7b-hf, llava-hf/llava-1.5-13b-hf, llava-hf/llava-v1.6-vicuna-7b-hf.
 #   scripts/sweeps/search_sparsity.sh llava-hf/llava-1.5-7b-hf
 # Many nodes on one study: STORAGE=postgresql://... run the same command on every node (each resumes the study).
