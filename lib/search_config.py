@@ -59,8 +59,9 @@ def default_restarts(target: float, kind: str, method: str = "optspa") -> int:
 
 def default_restart_mean(target: float, kind: str, restarts: int, method: str = "optspa") -> bool:
     """Whether the restarts' mean is tried when not asked: with two or more restarts of a search whose default is
-    two (it shipped in two of three pairs at 70% with optspa and at 60% with Wanda; lost at 50% and with optspa at
-    60%). It costs one evaluation and a sequential pruning, and ships only when it beats every restart's model."""
+    two (it shipped in two of three pairs at 70% with optspa and at 60% with Wanda; it lost at 50%, at 60% with
+    optspa and SparseGPT, at 70% with Wanda). It costs one evaluation and a sequential pruning, and ships only when
+    it beats every restart's model."""
     return restarts >= 2 and default_restarts(target, kind, method) >= 2
 
 
