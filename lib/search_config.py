@@ -46,7 +46,7 @@ def default_granularity(target: float) -> str:
     return "trend" if low_target(target) else DEFAULT_GRANULARITY
 
 
-def default_restarts(target: float, kind: str, method: str = "optspa") -> int:
+def default_restarts(target: float, kind: str, method: str) -> int:
     """Independent searches when none are asked for: two for a Wanda or Optspa sparsity search above a 55% target,
     else one. On SmolLM2 (optspa, full test set) a single search's draws spread widely there: 0.249-0.368 of the
     gap at 60% (mean 0.318 over three seeds), 0.596-0.729 at 70% (0.665 over four); two restarts and their mean
@@ -57,7 +57,7 @@ def default_restarts(target: float, kind: str, method: str = "optspa") -> int:
     return 2 if kind == "sparsity" and method != "sparsegpt" and not low_target(target) else 1
 
 
-def default_restart_mean(target: float, kind: str, restarts: int, method: str = "optspa") -> bool:
+def default_restart_mean(target: float, kind: str, restarts: int, method: str) -> bool:
     """Whether the restarts' mean is tried when not asked: with two or more restarts of a search whose default is
     two (it shipped in two of three pairs at 70% with optspa and at 60% with Wanda; it lost at 50%, at 60% with
     optspa and SparseGPT, at 70% with Wanda). It costs one evaluation and a sequential pruning, and ships only when
