@@ -216,7 +216,8 @@ def run_search(model: nn.Module, cfg: SearchConfig, *, calib: list[torch.Tensor]
         plot_profile(result.files["plot"], result.profile, f"{name}: best {cfg.objective} {best.value:.4g}")
     logger.info("search done: best trial %d, %s %.4f; shipped %s%s, %s model scores %.4f%s; %d trials "
                 "(%d complete), %.1f full evaluations (+%.1f selecting), re-prunes %.0f s, %.1f s",
-                best.number, cfg.objective, best.value, "the restarts' mean" if result.shipped_mean else f"trial {result.shipped_trial}",
+                best.number, cfg.objective, best.value,
+                "the restarts' mean" if result.shipped_mean else f"trial {result.shipped_trial}",
                 "" if result.shipped_mean else
                 f" of restart {won.index} (seed {cfg.seed + won.index})" if cfg.restarts > 1 else "",
                 result.shipped or "-",
